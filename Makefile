@@ -1,0 +1,53 @@
+# fedtune: the two set-up commands are `make demo` and `make test`; both install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The venv is rebuilt only when pyproject.toml changes; pip's own cache (~/.cache/pip) keeps the
+# multi-GB torch wheel so a rebuild downloads nothing.
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+.PHONY: install demo test lint typecheck bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[train,dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: install
+	$(VENV)/bin/fedtune run examples/quickstart.yaml --fresh
+
+lint: install
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff format --check operator tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: install lint cluster-deps
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) fedtune-runs .mypy_cache .ruff_cache .pytest_cache
+
+# --- test cluster: etcd, kube-apiserver, controller-manager, scheduler, helm and an S3 server, built
+# from the Go module proxy and cached by version under ~/.cache/fedtune (a second run builds nothing).
+.PHONY: cluster-deps cluster-up cluster-down cluster-status
+
+cluster-deps:
+	$(PYTHON) -m tests.cluster.harness deps
+
+cluster-up: install cluster-deps
+	$(PY) -m tests.cluster.harness up
+
+cluster-down:
+	$(PYTHON) -m tests.cluster.harness down
+
+cluster-status:
+	$(PYTHON) -m tests.cluster.harness status

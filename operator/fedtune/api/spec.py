@@ -1,0 +1,365 @@
+"""The FederatedFineTune spec: one pydantic model is the source of the CLI's checks and the CRD schema.
+
+Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "fedtune.io"
+API_VERSION = "v1alpha1"
+KIND = "FederatedFineTune"
+PLURAL = "federatedfinetunes"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+MAX_CLIENTS = 256
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: camelCase aliases, unknown fields rejected, values validated on set."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+        use_enum_values=True,
+    )
+
+
+class ModelSpec(SpecModel):
+    """The base causal language model every client adapts."""
+
+    name: str | None = Field(
+        None,
+        max_length=512,
+        description="Pretrained model: a Hugging Face name or a local path, loaded with from_pretrained.",
+    )
+    config: dict[str, Any] | None = Field(
+        None,
+        description="Build the model from this transformers config instead of pretrained weights "
+        "(keys as in the config class, plus modelType, e.g. llama). Weights are initialised from seed.",
+    )
+    seed: int = Field(0, ge=0, description="Seed for the weights of a model built from config.")
+    dtype: str = Field(
+        "float32",
+        pattern=r"^(float32|bfloat16|float16)$",
+        description="Precision the base model is loaded in: float32, bfloat16 or float16.",
+    )
+    revision: str | None = Field(None, max_length=128, description="Revision of a pretrained model.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.name is None) == (self.config is None):
+            raise ValueError("set exactly one of name (pretrained) or config (built from a config)")
+        return self
+
+
+class TokenizerSpec(SpecModel):
+    """How text becomes tokens; the builtin byte tokenizer needs no download."""
+
+    name: str | None = Field(
+        None, max_length=512, description="Pretrained tokenizer name or path; defaults to model.name."
+    )
+    builtin: str | None = Field(
+        None,
+        pattern=r"^bytes$",
+        description="A tokenizer built locally: 'bytes' maps each UTF-8 byte to one token.",
+    )
+
+    @model_validator(mode="after")
+    def _not_both(self) -> TokenizerSpec:
+        if self.name is not None and self.builtin is not None:
+            raise ValueError("set at most one of name or builtin")
+        return self
+
+
+class PeftMethod(StrEnum):
+    LORA = "lora"
+    FFA_LORA = "ffa-lora"
+
+
+class PeftSpec(SpecModel):
+    """The parameter-efficient adapter each client trains; only its weights ever travel."""
+
+    method: PeftMethod = Field(
+        PeftMethod.LORA,
+        description="lora, or ffa-lora (A frozen at its seeded init, only B trained and sent: "
+        "averaging is then exact; recommended under differential privacy).",
+    )
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        max_length=64,
+        description="Names of the modules that get adapters, e.g. q_proj, k_proj, v_proj, o_proj.",
+    )
+
+
+class DataFormat(StrEnum):
+    TEXT = "text"
+    PROMPT_RESPONSE = "prompt-response"
+
+
+class DataSpec(SpecModel):
+    """A client's private data: JSONL read through the same storage layer as the rounds."""
+
+    uri: str = Field(
+        ...,
+        min_length=1,
+        max_length=2048,
+        description="JSONL file: file://, s3://, memory:// URL or a path (relative to the spec file).",
+    )
+    format: DataFormat = Field(
+        DataFormat.TEXT,
+        description='text: lines {"text": ...}; prompt-response: lines {"prompt": ..., "response": ...}.',
+    )
+    template: str = Field(
+        "{prompt}\n{response}",
+        max_length=4096,
+        description="How a prompt-response pair becomes text; loss is taken on the response only.",
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of the examples held out for evaluation (seeded split)."
+    )
+    eval_uri: str | None = Field(
+        None, max_length=2048, description="A separate JSONL for evaluation; overrides evalFraction."
+    )
+
+
+class ResourcesSpec(SpecModel):
+    """Compute a client or the aggregator asks for."""
+
+    gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu count.")
+    cpu: str = Field("1", max_length=32, description="CPU request and limit, Kubernetes quantity.")
+    memory: str = Field("4Gi", max_length=32, description="Memory request and limit, Kubernetes quantity.")
+
+
+class Toleration(SpecModel):
+    """A Kubernetes toleration."""
+
+    key: str | None = Field(None, max_length=253, description="Taint key.")
+    operator: str = Field("Equal", pattern=r"^(Equal|Exists)$", description="Equal or Exists.")
+    value: str | None = Field(None, max_length=253, description="Taint value.")
+    effect: str | None = Field(None, pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$", description="Taint effect.")
+
+
+class PlacementSpec(SpecModel):
+    """Where a pod may run: its GPU node pool."""
+
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Compute requested.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod needs.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Taints the pod tolerates.")
+    affinity: dict[str, Any] | None = Field(None, description="A Kubernetes affinity, passed as is.")
+
+
+class ClientSpec(PlacementSpec):
+    """One data owner (silo): its data and where its trainer runs."""
+
+    name: str = Field(
+        ...,
+        min_length=1,
+        max_length=40,
+        pattern=DNS_LABEL,
+        description="Client name, a DNS label unique in the run.",
+    )
+    data: DataSpec = Field(..., description="The client's private training data.")
+    weight: float | None = Field(
+        None, gt=0, description="Aggregation weight; defaults to the number of training examples."
+    )
+
+
+class AggregatorSpec(PlacementSpec):
+    """Where the aggregator runs."""
+
+
+class TrainingSpec(SpecModel):
+    """Local training each selected client runs per round."""
+
+    local_steps: int = Field(10, ge=1, le=100_000, description="Optimizer steps per client per round.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Examples per step.")
+    learning_rate: float = Field(1e-3, gt=0, le=10, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(256, ge=8, le=131_072, description="Tokens per example after truncation.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Per-step gradient clipping; null disables.")
+    eval_batches: int = Field(8, ge=1, description="At most this many batches of the eval split are scored.")
+
+
+class Strategy(StrEnum):
+    FEDAVG = "fedavg"
+    FEDAVGM = "fedavgm"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+    FEDADAGRAD = "fedadagrad"
+    FEDMEDIAN = "fedmedian"
+    TRIMMEDMEAN = "trimmedmean"
+    KRUM = "krum"
+    MULTIKRUM = "multikrum"
+    BULYAN = "bulyan"
+
+
+class Encoding(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    INT8 = "int8"
+    INT8_CHANNEL = "int8-channel"
+
+
+class AggregationSpec(SpecModel):
+    """How rounds run and how client updates are combined."""
+
+    strategy: Strategy = Field(Strategy.FEDAVG, description="Aggregation strategy.")
+    rounds: int = Field(5, ge=1, le=100_000, description="Number of federated rounds.")
+    clients_per_round: int | None = Field(
+        None, ge=1, le=MAX_CLIENTS, description="Clients sampled each round; defaults to all clients."
+    )
+    min_clients: int = Field(
+        1,
+        ge=1,
+        le=MAX_CLIENTS,
+        description="Valid updates a round needs before it may close at its deadline.",
+    )
+    round_timeout_seconds: float = Field(
+        600, gt=0, description="After this, a round closes with the updates it has (at least minClients)."
+    )
+    server_learning_rate: float = Field(1.0, gt=0, description="Server step size (fedavgm, fedadam, ...).")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm momentum; fedadam/fedyogi beta1.")
+    beta2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi second-moment decay.")
+    tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi/fedadagrad adaptivity (epsilon).")
+    proximal_mu: float = Field(0.01, ge=0, description="fedprox: weight of the proximal term mu/2·||w − w_global||².")
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmedmean: share cut from each end.")
+    byzantine_clients: int = Field(0, ge=0, description="krum, multikrum, bulyan: assumed bad clients f.")
+    max_update_norm: float | None = Field(
+        None, gt=0, description="Updates with a larger L2 norm are rejected; null disables the bound."
+    )
+    encoding: Encoding = Field(Encoding.FP32, description="How clients encode uploads: fp32, bf16, int8, int8-channel.")
+
+
+class PrivacySpec(SpecModel):
+    """Client-level differential privacy (DP-FedAvg): clipping, Gaussian noise, an accountant."""
+
+    enabled: bool = Field(False, description="Turn client-level differential privacy on.")
+    clip_norm: float = Field(
+        1.0, gt=0, description="Each update is clipped to this L2 norm (initial value if adaptive)."
+    )
+    adaptive_clipping: bool = Field(False, description="Track a quantile of update norms (Andrew et al. 2019).")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="Adaptive clipping: quantile of norms to track.")
+    clip_learning_rate: float = Field(0.2, gt=0, description="Adaptive clipping: geometric step size.")
+    noise_multiplier: float = Field(1.0, ge=0, description="Noise std as a multiple of the clip norm.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of (epsilon, delta)-DP.")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="End the run before a round would push epsilon past this."
+    )
+
+
+class StorageSpec(SpecModel):
+    """The object store where rounds meet: the only thing silos need to reach."""
+
+    uri: str = Field(
+        "file://./fedtune-runs",
+        min_length=1,
+        max_length=2048,
+        description="Root URL of the run store: s3://bucket/prefix, file:///path, memory://name.",
+    )
+    endpoint: str | None = Field(
+        None,
+        max_length=2048,
+        description="S3 endpoint URL for S3-compatible servers (MinIO, versitygw, ...).",
+    )
+    region: str | None = Field(None, max_length=64, description="S3 region.")
+    secret_ref: str | None = Field(
+        None,
+        max_length=253,
+        description="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the pods.",
+    )
+    keep: bool = Field(True, description="Keep the run's objects when the resource is deleted.")
+
+
+class FederatedFineTuneSpec(SpecModel):
+    """What to fine-tune, on whose data, and how the federation runs."""
+
+    model: ModelSpec = Field(..., description="The base model.")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="The tokenizer.")
+    peft: PeftSpec = Field(default_factory=PeftSpec, description="The adapter trained by clients.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Local training per round.")
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec, description="Rounds and aggregation.")
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec, description="Differential privacy.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="The object store.")
+    clients: list[ClientSpec] = Field(
+        ..., min_length=1, max_length=MAX_CLIENTS, description="The data owners taking part."
+    )
+    aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec, description="The aggregator's pod.")
+    image: str = Field(
+        "ghcr.io/fedtune/trainer:0.1.0",
+        max_length=512,
+        description="Image of the aggregator and client pods.",
+    )
+    seed: int = Field(0, ge=0, description="Seeds client sampling, data order, adapter init and noise.")
+    suspend: bool = Field(False, description="Remove the pods and hold the run; unsuspended, it resumes.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run after this long.")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the resource this long after it finished."
+    )
+    backoff_limit: int = Field(3, ge=0, le=100, description="Restarts of a failing client before it is dropped.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FederatedFineTuneSpec:
+        names = [c.name for c in self.clients]
+        seen: set[str] = set()
+        for i, n in enumerate(names):
+            if n in seen:
+                raise ValueError(f"clients[{i}].name: duplicate client name {n!r}")
+            seen.add(n)
+        agg = self.aggregation
+        if agg.min_clients > len(self.clients):
+            raise ValueError(f"aggregation.minClients: {agg.min_clients} is more than the {len(self.clients)} clients")
+        if agg.clients_per_round is not None:
+            if agg.clients_per_round > len(self.clients):
+                raise ValueError(
+                    f"aggregation.clientsPerRound: {agg.clients_per_round} is more than the {len(self.clients)} clients"
+                )
+            if agg.min_clients > agg.clients_per_round:
+                raise ValueError(
+                    f"aggregation.minClients: {agg.min_clients} is more than clientsPerRound {agg.clients_per_round}"
+                )
+        return self
+
+    @property
+    def clients_per_round(self) -> int:
+        return self.aggregation.clients_per_round or len(self.clients)
+
+    def client(self, name: str) -> ClientSpec:
+        for c in self.clients:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+class ObjectMeta(BaseModel):
+    """The part of Kubernetes metadata a run needs."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(..., min_length=1, max_length=63, pattern=DNS_LABEL)
+    namespace: str = "default"
+    uid: str | None = None
+
+
+class FederatedFineTune(BaseModel):
+    """A whole resource as kubectl sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_version: str = Field(f"{API_GROUP}/{API_VERSION}", alias="apiVersion", pattern=rf"^{API_GROUP}/")
+    kind: str = Field(KIND, pattern=rf"^{KIND}$")
+    metadata: ObjectMeta
+    spec: FederatedFineTuneSpec
+    status: dict[str, Any] | None = None

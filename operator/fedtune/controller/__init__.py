@@ -1,0 +1,1 @@
+"""The kopf operator: FederatedFineTune resources reconciled into Jobs."""

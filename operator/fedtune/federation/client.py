@@ -1,0 +1,150 @@
+"""The client loop: wait for a global, train on private data when selected, publish the update.
+
+A restarted client skips every round it already committed, so killing it costs only the round in
+flight. Its data never leaves this process; only the adapter delta is uploaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any
+
+from fedtune import metrics
+from fedtune.aggregation.encoding import encode, load_state
+from fedtune.api import FederatedFineTuneSpec
+from fedtune.api.spec import Strategy
+from fedtune.errors import FedtuneError
+from fedtune.federation import protocol as p
+from fedtune.federation.run_store import poll, wait_for_spec
+from fedtune.storage import ObjectStore
+from fedtune.training import data as d
+from fedtune.training.model import adapter_state, build_model, load_adapter, trainable_keys
+from fedtune.training.tokenizer import build_tokenizer
+from fedtune.training.trainer import evaluate, train
+
+log = logging.getLogger("fedtune.client")
+
+
+class Client:
+    """One silo's trainer; `run()` returns after it has evaluated the final global."""
+
+    def __init__(self, store: ObjectStore, name: str, run: tuple[str, str] = ("", "")) -> None:
+        self.store, self.name = store, name
+        self.labels = (*run, name)
+        self.spec: FederatedFineTuneSpec = wait_for_spec(store)
+        names = [c.name for c in self.spec.clients]
+        if name not in names:
+            raise FedtuneError(f"client {name!r} is not in spec.clients ({', '.join(names)})")
+        self.index = names.index(name)
+        self.tokenizer = build_tokenizer(self.spec)
+        self.train_set, self.eval_set = self._load_data()
+        self.model = build_model(self.spec, self.tokenizer)
+        self.trainable = trainable_keys(self.model)
+
+    def _load_data(self) -> tuple[list[d.Example], list[d.Example]]:
+        cs = self.spec.client(self.name)
+        where = f"spec.clients[{self.index}].data"
+        endpoint = self.spec.storage.endpoint
+        max_len = self.spec.training.max_length
+        examples = d.tokenize(
+            d.read_jsonl(cs.data.uri, f"{where}.uri", endpoint), cs.data, self.tokenizer, max_len, where
+        )
+        if cs.data.eval_uri:
+            held = d.read_jsonl(cs.data.eval_uri, f"{where}.evalUri", endpoint)
+            return examples, d.tokenize(held, cs.data, self.tokenizer, max_len, where)
+        return d.split(examples, cs.data.eval_fraction, self.spec.seed)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def _evaluate(self) -> tuple[float, int]:
+        t = self.spec.training
+        return evaluate(self.model, d.eval_batches(self.eval_set, t.batch_size, t.eval_batches, self.pad_id))
+
+    def _load_global(self, gm: p.GlobalMarker) -> dict[str, Any]:
+        state = load_state(p.read_verified(self.store, p.global_data(gm.round), gm.sha256))
+        load_adapter(self.model, state)
+        return state
+
+    def train_round(self, gm: p.GlobalMarker) -> None:
+        """Train on global gm.round and commit the update (data first, marker last)."""
+        started = time.time()
+        state = self._load_global(gm)
+        eval_loss, eval_tokens = self._evaluate()
+        t = self.spec.training
+        agg = self.spec.aggregation
+        batches = d.train_batches(
+            self.train_set,
+            t.batch_size,
+            t.local_steps,
+            f"{self.spec.seed}:{self.name}:{gm.round}",
+            self.pad_id,
+        )
+        train_loss, steps = train(
+            self.model,
+            batches,
+            t.learning_rate,
+            t.weight_decay,
+            t.max_grad_norm,
+            proximal_mu=agg.proximal_mu if agg.strategy == Strategy.FEDPROX else 0.0,
+        )
+        local = adapter_state(self.model)
+        delta = {k: local[k].float() - state[k].float() for k in self.trainable}
+        payload = encode(delta, str(agg.encoding))
+        self.store.put(p.update_data(gm.round, self.name), payload)
+        marker = p.UpdateMarker(
+            client=self.name,
+            round=gm.round,
+            sha256=p.sha256(payload),
+            examples=len(self.train_set),
+            steps=steps,
+            encoding=str(agg.encoding),
+            bytes=len(payload),
+            metrics=p.ClientMetrics(
+                train_loss=train_loss,
+                eval_loss=eval_loss,
+                eval_examples=eval_tokens,
+                seconds=time.time() - started,
+            ),
+        )
+        self.store.put_if_absent(p.update_marker(gm.round, self.name), p.dumps(marker))
+        metrics.CLIENT_TRAIN_LOSS.labels(*self.labels).set(train_loss)
+        metrics.CLIENT_STEPS.labels(*self.labels).inc(steps)
+        log.info(
+            "round %d: trained %d steps, train_loss=%.4f eval_loss=%.4f",
+            gm.round,
+            steps,
+            train_loss,
+            eval_loss,
+        )
+
+    def evaluate_final(self, gm: p.GlobalMarker) -> None:
+        self._load_global(gm)
+        loss, tokens = self._evaluate()
+        record = p.EvalMarker(client=self.name, round=gm.round, eval_loss=loss, eval_examples=tokens)
+        self.store.put_if_absent(p.eval_marker(gm.round, self.name), p.dumps(record))
+        log.info("final global: eval_loss=%.4f", loss)
+
+    def run(self) -> None:
+        seen = -1
+        while True:
+            latest = poll(partial(_newer, self.store, seen), what="the next global")
+            gm = p.read_record(self.store, p.global_marker(latest), p.GlobalMarker)
+            assert gm is not None
+            seen = latest
+            if self.name not in gm.selected:
+                continue
+            if gm.final:
+                if not self.store.exists(p.eval_marker(gm.round, self.name)):
+                    self.evaluate_final(gm)
+                return
+            if not self.store.exists(p.update_marker(gm.round, self.name)):
+                self.train_round(gm)
+
+
+def _newer(store: ObjectStore, seen: int) -> int | None:
+    latest = p.latest_global(store)
+    return latest if latest is not None and latest > seen else None

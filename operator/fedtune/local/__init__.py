@@ -1,0 +1,1 @@
+"""`fedtune run`: a whole federation as local processes over a local folder."""

@@ -1,0 +1,34 @@
+"""Prometheus metrics shared by the operator, the aggregator and the clients.
+
+Labels stay low-cardinality: run name, namespace, client; never a round number.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RUN = ("namespace", "name")
+CLIENT = (*RUN, "client")
+
+ROUNDS_COMPLETED = Gauge("fedtune_rounds_completed", "Rounds whose next global is committed.", RUN)
+ROUNDS_TOTAL = Gauge("fedtune_rounds", "Rounds the run is configured for.", RUN)
+ROUND_SECONDS = Histogram(
+    "fedtune_round_duration_seconds",
+    "Seconds from a global's commit to the next one.",
+    RUN,
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+)
+UPDATES_ACCEPTED = Counter("fedtune_updates_accepted_total", "Client updates aggregated.", CLIENT)
+UPDATES_REJECTED = Counter("fedtune_updates_rejected_total", "Client updates rejected by validation.", CLIENT)
+UPDATE_BYTES = Counter("fedtune_update_bytes_total", "Bytes of client updates received.", CLIENT)
+EVAL_LOSS = Gauge("fedtune_eval_loss", "Example-weighted eval loss of the latest global.", RUN)
+TRAIN_LOSS = Gauge("fedtune_train_loss", "Example-weighted training loss of the latest round.", RUN)
+EPSILON = Gauge("fedtune_dp_epsilon", "Differential-privacy epsilon spent so far.", RUN)
+CLIENT_TRAIN_LOSS = Gauge("fedtune_client_train_loss", "A client's training loss in its latest round.", CLIENT)
+CLIENT_STEPS = Counter("fedtune_client_steps_total", "Local optimizer steps a client has taken.", CLIENT)
+
+
+def serve(port: int | None) -> None:
+    """Expose /metrics on port (0 or None: not served)."""
+    if port:
+        start_http_server(port)

@@ -1,0 +1,1 @@
+"""Client-level differential privacy: clipping, Gaussian noise, an accountant."""

@@ -1,0 +1,69 @@
+"""One object-store interface over URLs; the round protocol needs nothing more than these verbs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from fedtune.errors import FedtuneError
+
+
+class StorageError(FedtuneError):
+    """A storage operation failed for a reason retries will not fix."""
+
+
+class ObjectNotFound(StorageError):
+    """The key does not exist."""
+
+
+def join(*parts: str) -> str:
+    """Join key parts with single slashes."""
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+class ObjectStore(ABC):
+    """Keys are slash-separated paths below the store's root URI."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri.rstrip("/")
+
+    def url(self, key: str) -> str:
+        """The full URL of a key, for messages and for handing to other processes."""
+        return f"{self.uri}/{key.lstrip('/')}" if key else self.uri
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The object's bytes; ObjectNotFound if absent."""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Write atomically: readers see the old object or the whole new one, never a part."""
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create the object only if no object has the key; True if this call created it."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether the key exists."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys below prefix (relative to the root), sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the key if present."""
+
+    @abstractmethod
+    def child(self, prefix: str) -> ObjectStore:
+        """The same store rooted at prefix."""
+
+    def check(self) -> None:
+        """Raise a StorageError naming the URI if the store cannot be reached."""
+        self.exists(".fedtune-probe")
+
+    def get_or_none(self, key: str) -> bytes | None:
+        try:
+            return self.get(key)
+        except ObjectNotFound:
+            return None

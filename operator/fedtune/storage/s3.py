@@ -1,0 +1,157 @@
+"""s3:// stores on boto3: S3 and S3-compatible servers (MinIO, versitygw, Ceph)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from fedtune.storage.base import ObjectNotFound, ObjectStore, StorageError, join
+
+T = TypeVar("T")
+
+_TRANSIENT_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+}
+_MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code")) in _TRANSIENT_CODES
+    return isinstance(exc, BotoCoreError) and not isinstance(exc, NoCredentialsError)
+
+
+class S3Store(ObjectStore):
+    """Transient failures (a restarting server, a dropped connection) are retried until a deadline."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint: str | None = None,
+        region: str | None = None,
+        retry_seconds: float | None = None,
+        client: Any = None,
+    ) -> None:
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        super().__init__(f"s3://{join(bucket, self.prefix)}")
+        self.endpoint = endpoint or os.environ.get("FEDTUNE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+        self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        if retry_seconds is None:
+            retry_seconds = float(os.environ.get("FEDTUNE_STORAGE_RETRY_SECONDS", "120"))
+        self.retry_seconds = retry_seconds
+        self._client = client or boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            config=Config(
+                retries={"mode": "standard", "max_attempts": 2},
+                connect_timeout=5,
+                read_timeout=60,
+                s3={"addressing_style": "path"},
+            ),
+        )
+
+    def _k(self, key: str) -> str:
+        return join(self.prefix, key)
+
+    def _call(self, key: str, fn: Callable[[], T]) -> T:
+        retrying = Retrying(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_delay(self.retry_seconds),
+            wait=wait_exponential_jitter(initial=0.2, max=5),
+            reraise=True,
+        )
+        try:
+            return retrying(fn)
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            code = str(err.get("Code"))
+            if code in _MISSING_CODES:
+                raise ObjectNotFound(f"{self.url(key)}: not found") from None
+            raise StorageError(f"{self.url(key)}: {code}: {err.get('Message') or e}") from None
+        except NoCredentialsError:
+            raise StorageError(
+                f"{self.url(key)}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+            ) from None
+        except BotoCoreError as e:
+            where = f" at {self.endpoint}" if self.endpoint else ""
+            raise StorageError(f"{self.url(key)}: cannot reach the S3 server{where}: {e}") from None
+
+    def get(self, key: str) -> bytes:
+        def go() -> bytes:
+            body: bytes = self._client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+            return body
+
+        return self._call(key, go)
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data))
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        def go() -> bool:
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code")) in {"PreconditionFailed", "412"}:
+                    return False
+                raise
+
+        return self._call(key, go)
+
+    def exists(self, key: str) -> bool:
+        def go() -> bool:
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=self._k(key))
+                return True
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code")) in _MISSING_CODES:
+                    return False
+                raise
+
+        return self._call(key, go)
+
+    def list(self, prefix: str = "") -> list[str]:
+        root = self._k(prefix)
+        base = f"{self.prefix}/" if self.prefix else ""
+
+        def go() -> list[str]:
+            keys: list[str] = []
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{root}/" if root else ""
+            )
+            for page in pages:
+                keys.extend(o["Key"].removeprefix(base) for o in page.get("Contents", []))
+            return sorted(keys)
+
+        return self._call(prefix, go)
+
+    def delete(self, key: str) -> None:
+        self._call(key, lambda: self._client.delete_object(Bucket=self.bucket, Key=self._k(key)))
+
+    def child(self, prefix: str) -> S3Store:
+        return S3Store(
+            self.bucket,
+            join(self.prefix, prefix),
+            endpoint=self.endpoint,
+            region=self.region,
+            retry_seconds=self.retry_seconds,
+            client=self._client,
+        )
+
+    def check(self) -> None:
+        self._call("", lambda: self._client.head_bucket(Bucket=self.bucket))

@@ -1,0 +1,1 @@
+"""Model, tokenizer and data loading, PEFT set-up, local training and evaluation."""

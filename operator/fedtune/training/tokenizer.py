@@ -1,0 +1,42 @@
+"""Tokenizers: pretrained ones the transformers way, or a byte-level one built locally (no download)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtune.api.spec import FederatedFineTuneSpec
+from fedtune.errors import FedtuneError
+
+BYTE_SPECIALS = ("<pad>", "<s>", "</s>")
+
+
+def byte_tokenizer() -> Any:
+    """Each UTF-8 byte is one token, plus pad/bos/eos: the same for everyone, with nothing to fetch."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(BYTE_SPECIALS)}
+    vocab.update({ch: i + len(BYTE_SPECIALS) for i, ch in enumerate(sorted(alphabet))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def build_tokenizer(spec: FederatedFineTuneSpec) -> Any:
+    """The run's tokenizer; a pad token is always set so batches can be padded."""
+    if spec.tokenizer.builtin == "bytes" or (spec.tokenizer.name is None and spec.model.name is None):
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    name = spec.tokenizer.name or spec.model.name
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=spec.model.revision)
+    except (OSError, ValueError) as e:
+        raise FedtuneError(f"spec.tokenizer: cannot load tokenizer {name!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
