@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 from fedtune.aggregation.base import ClientUpdate, State, Strategy
+from fedtune.aggregation.bulyan import Bulyan
+from fedtune.aggregation.fedadagrad import FedAdagrad
+from fedtune.aggregation.fedadam import FedAdam
 from fedtune.aggregation.fedavg import FedAvg
+from fedtune.aggregation.fedavgm import FedAvgM
+from fedtune.aggregation.fedmedian import FedMedian
+from fedtune.aggregation.fedprox import FedProx
+from fedtune.aggregation.fedyogi import FedYogi
+from fedtune.aggregation.krum import Krum
+from fedtune.aggregation.multikrum import MultiKrum
+from fedtune.aggregation.trimmedmean import TrimmedMean
 from fedtune.api.spec import AggregationSpec
 from fedtune.errors import FedtuneError
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedAvg,)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s
+    for s in (
+        FedAvg,
+        FedAvgM,
+        FedProx,
+        FedAdam,
+        FedYogi,
+        FedAdagrad,
+        FedMedian,
+        TrimmedMean,
+        Krum,
+        MultiKrum,
+        Bulyan,
+    )
+}
 
 
 def make_strategy(spec: AggregationSpec) -> Strategy:

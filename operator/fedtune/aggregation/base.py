@@ -1,4 +1,4 @@
-"""The one small interface every aggregation strategy implements."""
+"""The one small interface every aggregation strategy implements, and helpers strategies share."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.api.spec import AggregationSpec
+from fedtune.errors import FedtuneError
 
 State = dict[str, torch.Tensor]
 
@@ -31,6 +32,9 @@ class Strategy(ABC):
     """
 
     name: str = ""
+    #: Whether the strategy's result is a function of the (weighted) mean update alone. Only such
+    #: strategies compose with client-level differential privacy, which noises that mean.
+    mean_based: bool = False
 
     def __init__(self, spec: AggregationSpec) -> None:
         self.spec = spec
@@ -40,3 +44,11 @@ class Strategy(ABC):
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
     ) -> tuple[State, State]:
         """The next global and the next server state."""
+
+
+def collect(updates: Iterable[ClientUpdate], least: int, why: str) -> list[ClientUpdate]:
+    """All updates in memory, as rank- and distance-based strategies need them together."""
+    out = list(updates)
+    if len(out) < least:
+        raise FedtuneError(f"aggregation: {why} needs at least {least} updates, got {len(out)}")
+    return out

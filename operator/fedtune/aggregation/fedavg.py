@@ -11,19 +11,28 @@ from fedtune.errors import FedtuneError
 
 
 def weighted_mean(updates: Iterable[ClientUpdate]) -> State:
-    """Example-weighted mean of deltas, accumulated in float64 one update at a time."""
-    acc: dict[str, torch.Tensor] = {}
+    """Weighted mean of deltas, accumulated in place one update at a time.
+
+    Peak memory is the accumulator plus the update being added, however many updates there are.
+    Accumulation stays in the updates' float32: at the scale of adapter deltas its rounding is far
+    below the noise of training, and a float64 accumulator would halve the throughput.
+    """
+    acc: State = {}
     total = 0.0
     for u in updates:
+        if u.weight <= 0:
+            raise FedtuneError(f"aggregation: update of {u.client} has weight {u.weight}, needs > 0")
         for k, v in u.delta.items():
             if k in acc:
-                acc[k].add_(v.to(torch.float64), alpha=u.weight)
+                acc[k].add_(v, alpha=u.weight)
             else:
-                acc[k] = v.to(torch.float64).mul(u.weight)
+                acc[k] = v.to(torch.float32) * u.weight
         total += u.weight
     if total <= 0:
-        raise FedtuneError("aggregation: no update with positive weight to average")
-    return {k: v.div_(total) for k, v in acc.items()}
+        raise FedtuneError("aggregation: no update to average")
+    for v in acc.values():
+        v.div_(total)
+    return acc
 
 
 def apply_delta(global_state: State, delta: State, scale: float = 1.0) -> State:
@@ -31,12 +40,15 @@ def apply_delta(global_state: State, delta: State, scale: float = 1.0) -> State:
     out = dict(global_state)
     for k, d in delta.items():
         g = global_state[k]
-        out[k] = (g.to(torch.float64) + scale * d).to(g.dtype)
+        out[k] = g.to(torch.promote_types(g.dtype, torch.float32)).add(d, alpha=scale).to(g.dtype)
     return out
 
 
 class FedAvg(Strategy):
+    """The weighted mean of the updates added to the global."""
+
     name = "fedavg"
+    mean_based = True
 
     def aggregate(
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State

@@ -1,7 +1,12 @@
-"""Checks every update passes before it may touch the global adapter."""
+"""Checks every update passes before it may touch the global adapter.
+
+Each check returns the reason for rejection (one line, for the round summary) or None, so the
+aggregator records a rejection and carries on without the update.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -14,10 +19,20 @@ def update_norm(delta: State) -> float:
     return math.sqrt(sum(float(torch.sum(v.to(torch.float64) ** 2)) for v in delta.values()))
 
 
+def check_digest(data: bytes, expected_sha256: str) -> str | None:
+    """Why the bytes cannot be trusted (their sha256 is not the one their marker commits to), or None."""
+    got = hashlib.sha256(data).hexdigest()
+    if got != expected_sha256:
+        return f"sha256 {got[:12]}… does not match its marker {expected_sha256[:12]}…"
+    return None
+
+
 def validate_update(delta: State, trainable: State, max_norm: float | None) -> str | None:
     """Why the update must be rejected, or None if it is sound.
 
-    `trainable` holds the global's tensors for the keys an update must carry, in their shapes.
+    `trainable` holds the global's tensors for the keys an update must carry, in their shapes. An
+    update's tensors are floating point; decoding yields float32, so besides the global's own dtype
+    float32 is accepted.
     """
     missing = sorted(set(trainable) - set(delta))
     if missing:
@@ -26,14 +41,15 @@ def validate_update(delta: State, trainable: State, max_norm: float | None) -> s
     if extra:
         return f"unexpected key {extra[0]}"
     for k, v in delta.items():
-        if tuple(v.shape) != tuple(trainable[k].shape):
-            return f"{k}: shape {tuple(v.shape)}, expected {tuple(trainable[k].shape)}"
-        if not v.is_floating_point():
-            return f"{k}: dtype {v.dtype} is not floating point"
+        want = trainable[k]
+        if tuple(v.shape) != tuple(want.shape):
+            return f"{k}: shape {tuple(v.shape)}, expected {tuple(want.shape)}"
+        if not v.is_floating_point() or v.dtype not in (want.dtype, torch.float32):
+            return f"{k}: dtype {v.dtype}, expected {want.dtype}"
         if not bool(torch.isfinite(v).all()):
             return f"{k}: non-finite values"
     if max_norm is not None:
         norm = update_norm(delta)
-        if norm > max_norm:
+        if not norm <= max_norm:
             return f"L2 norm {norm:.4g} exceeds maxUpdateNorm {max_norm:g}"
     return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -56,6 +57,8 @@ def friendly(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 def _logging() -> None:
+    # Library deprecation notices are for fedtune's developers, not for the people reading pod logs.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
 
 

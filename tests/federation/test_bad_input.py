@@ -1,0 +1,150 @@
+"""Bad input gives one line naming what is wrong; a bad update never reaches the global."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from fedtune.aggregation.encoding import encode, load_state
+from fedtune.api import parse_resource
+from fedtune.federation import protocol as p
+from fedtune.federation.aggregator import Aggregator
+from fedtune.storage import open_store
+from fedtune.training.model import adapter_state
+from tests.federation.conftest import tiny_resource, write_data
+
+
+def fedtune_run(spec: dict[str, Any], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune", "run", str(path), "--output", str(tmp_path / "runs"), "--no-live"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    write_data(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_invalid_spec(tmp_path: Path, data: Path) -> None:
+    line = one_line_error(fedtune_run(tiny_resource(data, aggregation={"minClients": 7}), tmp_path))
+    assert "spec.aggregation.minClients" in line
+
+
+def test_missing_data_file(tmp_path: Path, data: Path) -> None:
+    (data / "beta.jsonl").unlink()
+    line = one_line_error(fedtune_run(tiny_resource(data), tmp_path))
+    assert "spec.clients[1].data.uri" in line and "beta.jsonl not found" in line
+
+
+def test_malformed_jsonl_line(tmp_path: Path, data: Path) -> None:
+    with (data / "gamma.jsonl").open("a") as f:
+        f.write('{"text": "ok"}\n{"text": unquoted}\n')
+    line = one_line_error(fedtune_run(tiny_resource(data), tmp_path))
+    assert "spec.clients[2].data.uri" in line and "line 42: invalid JSON" in line
+
+
+def test_unreachable_storage(tmp_path: Path, data: Path) -> None:
+    spec = tiny_resource(data, storage={"uri": "s3://bucket/runs", "endpoint": "http://127.0.0.1:9"})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = subprocess.run(
+        [sys.executable, "-m", "fedtune", "run", str(path), "--no-live"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "FEDTUNE_STORAGE_RETRY_SECONDS": "1",
+            "AWS_ACCESS_KEY_ID": "x",
+            "AWS_SECRET_ACCESS_KEY": "y",
+        },
+    )
+    line = one_line_error(out)
+    assert "s3://bucket/runs/tiny" in line and "cannot reach the S3 server at http://127.0.0.1:9" in line
+
+
+def test_tampered_or_broken_updates_are_rejected_and_never_averaged(data: Path) -> None:
+    spec = parse_resource(tiny_resource(data, aggregation={"roundTimeoutSeconds": 60, "minClients": 1})).spec
+    store = open_store("memory://tamper/run")
+    agg = Aggregator(store, spec)
+    gm = agg.publish_global(0, adapter_state(agg.model), {})
+    state = load_state(store.get(p.global_data(0)))
+    keys = agg.trainable
+    good = {k: torch.full_like(state[k], 0.01) for k in keys}
+
+    def submit(client: str, delta: dict[str, torch.Tensor], tamper: bool = False) -> None:
+        payload = encode(delta)
+        store.put(p.update_data(0, client), payload + (b"x" if tamper else b""))
+        marker = p.UpdateMarker(
+            client=client,
+            round=0,
+            sha256=p.sha256(payload),
+            examples=10,
+            steps=1,
+            bytes=len(payload),
+            metrics=p.ClientMetrics(train_loss=1.0, eval_loss=1.0, eval_examples=5),
+        )
+        store.put_if_absent(p.update_marker(0, client), p.dumps(marker))
+
+    submit("alpha", good)
+    submit("beta", good, tamper=True)
+    submit("gamma", {k: v.clone().fill_(float("nan")) for k, v in good.items()})
+    agg.close_round(gm)
+
+    summary = p.read_record(store, p.summary(0), p.RoundSummary)
+    assert summary is not None
+    assert summary.participants == ["alpha"]
+    reasons = {r.client: r.reason for r in summary.rejected}
+    assert "does not match its marker" in reasons["beta"]
+    assert "non-finite" in reasons["gamma"]
+    new = load_state(store.get(p.global_data(1)))
+    for k in keys:
+        torch.testing.assert_close(new[k], state[k] + 0.01, rtol=0, atol=1e-6)
+
+
+def test_too_few_valid_updates_keep_the_global(data: Path) -> None:
+    spec = parse_resource(tiny_resource(data, aggregation={"minClients": 2})).spec
+    store = open_store("memory://few/run")
+    agg = Aggregator(store, spec)
+    gm = agg.publish_global(0, adapter_state(agg.model), {})
+    for client in gm.selected:
+        payload = b"not safetensors"
+        store.put(p.update_data(0, client), payload)
+        marker = p.UpdateMarker(
+            client=client,
+            round=0,
+            sha256=p.sha256(payload),
+            examples=1,
+            steps=1,
+            bytes=len(payload),
+            metrics=p.ClientMetrics(),
+        )
+        store.put_if_absent(p.update_marker(0, client), p.dumps(marker))
+    agg.close_round(gm)
+    assert store.get(p.global_data(1)) == store.get(p.global_data(0))
+    summary = p.read_record(store, p.summary(0), p.RoundSummary)
+    assert summary is not None and summary.participants == []
+    assert all("undecodable" in r.reason for r in summary.rejected)

@@ -1,0 +1,96 @@
+"""Upload encodings: sizes, round-trip error bounds, the name in the header, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtune.aggregation.encoding import ENCODINGS, decode, encode, encoding_of, load_state, save_state
+from fedtune.api.spec import Encoding
+from fedtune.errors import FedtuneError
+
+
+def lora_like(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in range(4):
+        out[f"l{layer}.q.lora_A"] = torch.randn(16, 512, generator=gen) * 0.02
+        out[f"l{layer}.q.lora_B"] = torch.randn(512, 16, generator=gen) * 1e-3
+    return out
+
+
+def test_every_spec_encoding_is_supported() -> None:
+    assert set(ENCODINGS) == {e.value for e in Encoding}
+
+
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_round_trip_names_the_encoding_and_keeps_keys_and_shapes(enc: str) -> None:
+    state = lora_like()
+    data = encode(state, enc)
+    assert encoding_of(data) == enc
+    back = decode(data)
+    assert back.keys() == state.keys()
+    assert all(back[k].shape == state[k].shape and back[k].dtype == torch.float32 for k in state)
+
+
+def test_fp32_is_exact() -> None:
+    state = lora_like()
+    back = decode(encode(state, "fp32"))
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_sizes_bf16_halves_and_int8_quarters() -> None:
+    state = lora_like()
+    fp32 = len(encode(state, "fp32"))
+    assert fp32 / len(encode(state, "bf16")) == pytest.approx(2.0, rel=0.01)
+    assert fp32 / len(encode(state, "int8")) == pytest.approx(4.0, rel=0.02)
+    assert fp32 / len(encode(state, "int8-channel")) == pytest.approx(4.0, rel=0.08)
+
+
+def test_bf16_error_is_within_its_mantissa() -> None:
+    state = lora_like()
+    back = decode(encode(state, "bf16"))
+    for k, v in state.items():
+        assert ((back[k] - v).abs() <= v.abs() * 2.0**-8).all()
+
+
+@pytest.mark.parametrize("enc", ["int8", "int8-channel"])
+def test_int8_error_is_at_most_half_a_step(enc: str) -> None:
+    state = lora_like()
+    back = decode(encode(state, enc))
+    for k, v in state.items():
+        rows = v.abs().amax(dim=1, keepdim=True) if enc == "int8-channel" else v.abs().max()
+        step = rows / 127
+        assert ((back[k] - v).abs() <= step / 2 * (1 + 1e-5)).all()
+
+
+def test_per_channel_scales_protect_small_rows() -> None:
+    v = torch.tensor([[100.0, -50.0], [0.01, -0.02]])
+    per_tensor = decode(encode({"w": v}, "int8"))["w"]
+    per_channel = decode(encode({"w": v}, "int8-channel"))["w"]
+    assert torch.equal(per_tensor[1], torch.zeros(2))  # the small row rounds away
+    assert torch.allclose(per_channel[1], v[1], rtol=0.01)
+
+
+def test_zero_scalar_and_empty_tensors_survive_int8() -> None:
+    state = {"z": torch.zeros(3, 4), "s": torch.tensor(-2.5), "e": torch.zeros(0, 4)}
+    for enc in ("int8", "int8-channel"):
+        back = decode(encode(state, enc))
+        assert torch.equal(back["z"], state["z"])
+        assert back["s"].item() == pytest.approx(-2.5)
+        assert back["e"].shape == (0, 4)
+
+
+def test_unknown_encoding_and_reserved_key_are_refused() -> None:
+    with pytest.raises(FedtuneError, match=r"spec\.aggregation\.encoding"):
+        encode(lora_like(), "fp8")
+    with pytest.raises(FedtuneError, match="reserved"):
+        encode({"__scales__": torch.zeros(1)}, "fp32")
+    with pytest.raises(FedtuneError, match="not a safetensors"):
+        decode(b"xyz")
+
+
+def test_state_round_trips_bit_for_bit_in_its_own_dtypes() -> None:
+    state = {"w": torch.randn(3, 3).to(torch.bfloat16), "step": torch.tensor(7, dtype=torch.int64)}
+    back = load_state(save_state(state))
+    assert all(torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype for k in state)
