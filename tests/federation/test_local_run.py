@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def test_run_trains_and_writes_a_peft_adapter(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    final = LocalRun(tiny, output=out, console=Console(file=open(tmp_path / "console.txt", "w"))).run(live=False)
+    final = LocalRun(tiny, output=out, console=Console(file=io.StringIO())).run(live=False)
     folder = out / "tiny"
     records = json.loads((folder / "metrics.json").read_text())
     assert [r["round"] for r in records] == [0, 1, 2, 3]
@@ -53,5 +54,5 @@ def test_run_trains_and_writes_a_peft_adapter(tiny: Path, tmp_path: Path) -> Non
 
     # Running the same spec again resumes a finished run: nothing committed is rewritten.
     markers = {k: store.get(k) for k in store.list("rounds") if k.endswith(".json")}
-    LocalRun(tiny, output=out, console=Console(file=open(tmp_path / "console2.txt", "w"))).run(live=False)
+    LocalRun(tiny, output=out, console=Console(file=io.StringIO())).run(live=False)
     assert {k: store.get(k) for k in store.list("rounds") if k.endswith(".json")} == markers
