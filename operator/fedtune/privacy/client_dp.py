@@ -1,0 +1,130 @@
+"""DP-FedAvg (McMahan et al. 2018) with optional adaptive clipping (Andrew et al. 2019).
+
+Per round: each accepted update is scaled down to L2 norm ≤ C; the clipped updates are summed with
+weight 1 each (an example-count weight would let one client's influence exceed C); Gaussian noise of
+standard deviation z·C is added to the sum, which is divided by the number of updates. The result is
+the mean update every mean-based strategy (FedAvg, FedAvgM, FedAdam, ...) then applies.
+
+Adaptive clipping moves C geometrically towards the γ-quantile of the update norms:
+C ← C·exp(−η·(b̄ − γ)), b̄ the noised share of updates with norm ≤ C, noised with σ_b = max(m/20, z)
+on the count (m updates; m/20 as the paper suggests). To keep the accountant's z the total, the
+update noise rises to z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) (the paper's Theorem 1); σ_b ≥ z bounds z_Δ by 1.16·z.
+
+The noise generator is seeded from the run's seed and the round, so a run is reproducible and a
+restarted aggregator adds the same noise. Whoever knows the seed can subtract the noise: treat the
+spec's seed as a secret of the aggregator under DP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+
+import torch
+
+from fedtune.api.spec import PrivacySpec
+from fedtune.errors import FedtuneError
+from fedtune.privacy.accountant import epsilon
+
+State = dict[str, torch.Tensor]
+CLIP_NORM = "dp/clip_norm"
+
+
+def noise_generator(seed: int, r: int, stream: str) -> torch.Generator:
+    """A generator that depends only on the run's seed, the round and what the noise is for."""
+    digest = hashlib.sha256(f"fedtune-dp:{seed}:{r}:{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def clip(delta: State, norm: float, clip_norm: float) -> State:
+    """The update scaled to L2 norm at most clip_norm (unchanged if already within)."""
+    if norm <= clip_norm:
+        return delta
+    factor = clip_norm / norm
+    return {k: v * factor for k, v in delta.items()}
+
+
+def count_stddev(updates: int, noise_multiplier: float) -> float:
+    """σ_b, the noise on the count of unclipped updates (0 without noise)."""
+    if noise_multiplier <= 0:
+        return 0.0
+    return max(updates / 20, noise_multiplier)
+
+
+def update_noise_multiplier(noise_multiplier: float, adaptive: bool, updates: int) -> float:
+    """z_Δ: the noise on the update sum that leaves z in total once the count is noised too."""
+    if not adaptive or noise_multiplier <= 0:
+        return noise_multiplier
+    sb = count_stddev(updates, noise_multiplier)
+    return float((noise_multiplier**-2 - (2 * sb) ** -2) ** -0.5)
+
+
+def next_clip_norm(
+    clip_norm: float, norms: list[float], spec: PrivacySpec, gen: torch.Generator | None = None
+) -> float:
+    """One geometric step of the clip norm towards the target quantile of `norms`."""
+    if not norms:
+        return clip_norm
+    below = float(sum(n <= clip_norm for n in norms))
+    sb = count_stddev(len(norms), spec.noise_multiplier)
+    if sb > 0:
+        below += float(torch.randn((), generator=gen)) * sb
+    share = below / len(norms)
+    return clip_norm * math.exp(-spec.clip_learning_rate * (share - spec.target_quantile))
+
+
+class ClientLevelDP:
+    """Clipping, noising and accounting for one run."""
+
+    def __init__(self, spec: PrivacySpec, clients_per_round: int, clients: int, seed: int) -> None:
+        if not 0 < clients_per_round <= clients:
+            raise FedtuneError(f"privacy: {clients_per_round} clients per round of {clients} is not a sampling rate")
+        self.spec = spec
+        self.sample_rate = clients_per_round / clients
+        self.seed = seed
+
+    def clip_norm(self, server_state: State) -> float:
+        """The clip norm in force: the spec's, or the adaptive one carried in the server state."""
+        if self.spec.adaptive_clipping and CLIP_NORM in server_state:
+            return float(server_state[CLIP_NORM])
+        return self.spec.clip_norm
+
+    def private_mean(self, updates: Iterable[tuple[State, float]], r: int, server_state: State) -> tuple[State, State]:
+        """The noised mean of the clipped updates of round r, and the server state for the next round.
+
+        `updates` yields (delta, its L2 norm) and is consumed once, one update at a time.
+        """
+        c = self.clip_norm(server_state)
+        acc: State = {}
+        norms: list[float] = []
+        for delta, norm in updates:
+            for k, v in clip(delta, norm, c).items():
+                if k in acc:
+                    acc[k].add_(v)
+                else:
+                    acc[k] = v.to(torch.float32, copy=True)
+            norms.append(norm)
+        if not norms:
+            raise FedtuneError("privacy: no update to average")
+        z = update_noise_multiplier(self.spec.noise_multiplier, self.spec.adaptive_clipping, len(norms))
+        gen = noise_generator(self.seed, r, "updates")
+        for k in sorted(acc):
+            v = acc[k]
+            if z > 0:
+                v.add_(torch.randn(v.shape, generator=gen), alpha=z * c)
+            v.div_(len(norms))
+        state = dict(server_state)
+        if self.spec.adaptive_clipping:
+            nxt = next_clip_norm(c, norms, self.spec, noise_generator(self.seed, r, "clip"))
+            state[CLIP_NORM] = torch.tensor(nxt, dtype=torch.float64)
+        return acc, state
+
+    def epsilon(self, rounds: int) -> float:
+        """ε spent after `rounds` rounds at the spec's δ."""
+        return epsilon(self.spec.noise_multiplier, self.sample_rate, rounds, self.spec.delta)
+
+    def within_budget(self, rounds: int) -> bool:
+        """Whether `rounds` rounds keep ε within targetEpsilon (always, without a target)."""
+        target = self.spec.target_epsilon
+        return target is None or self.epsilon(rounds) <= target
