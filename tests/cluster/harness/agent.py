@@ -1,0 +1,428 @@
+"""The node agent: the kubelet of the fake nodes, running their pods as local processes.
+
+It registers its nodes, keeps them Ready with node-lease heartbeats, runs every pod the scheduler
+binds to them (see ``runner``), reports pod status, finishes graceful deletions and serves
+container logs to ``kubectl logs`` through the API server. Run as ``python -m
+tests.cluster.harness.agent CONFIG.json``; it dies with the process that started it, and its pods'
+processes die with it.
+
+A node's ``fedtune.io/simulate`` annotation injects faults: ``not-ready`` posts Ready=False and
+stops the lease, ``unreachable`` stops every heartbeat (the node controller then marks it Unknown).
+A deleted node is not registered again, and its pods' processes are killed, as if the machine died,
+until a file ``restore/<node>`` appears in the agent's state folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import ssl
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+from . import podspec
+from .runner import Context, PodRunner
+
+Obj = dict[str, Any]
+SIMULATE = "fedtune.io/simulate"
+LEASE_SECONDS = 40
+RENEW_EVERY = 5.0
+
+
+def _json(resp: Any) -> Obj:
+    return json.loads(resp.data)  # type: ignore[no-any-return]
+
+
+def _micro_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ApiLookup(podspec.Lookup):
+    """Secrets, ConfigMaps and bound service-account tokens, read through the API."""
+
+    def __init__(self, core: client.CoreV1Api) -> None:
+        self.core = core
+
+    def _get(self, fn: Any, namespace: str, name: str) -> Obj | None:
+        try:
+            return _json(fn(name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def secret(self, namespace: str, name: str) -> Obj | None:
+        return self._get(self.core.read_namespaced_secret, namespace, name)
+
+    def config_map(self, namespace: str, name: str) -> Obj | None:
+        return self._get(self.core.read_namespaced_config_map, namespace, name)
+
+    def token(self, pod: Obj, audience: str | None, expiration: int) -> str:
+        meta = pod["metadata"]
+        spec: Obj = {
+            "expirationSeconds": expiration,
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+        }
+        if audience:
+            spec["audiences"] = [audience]
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+        sa = pod["spec"].get("serviceAccountName") or "default"
+        resp = self.core.create_namespaced_service_account_token(sa, meta["namespace"], body, _preload_content=False)
+        return str(_json(resp)["status"]["token"])
+
+
+def node_manifest(node: Obj, kubelet_port: int) -> tuple[Obj, Obj]:
+    """The Node object and its status for one node of the agent's configuration."""
+    labels = {
+        "kubernetes.io/hostname": node["name"],
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        **node.get("labels", {}),
+    }
+    capacity = {
+        "cpu": "16",
+        "memory": "64Gi",
+        "pods": "110",
+        "ephemeral-storage": "100Gi",
+        **node.get("capacity", {}),
+    }
+    body = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node["name"], "labels": labels},
+        "spec": {"taints": node.get("taints", [])},
+    }
+    return body, {
+        "capacity": capacity,
+        "allocatable": capacity,
+        "addresses": [
+            {"type": "InternalIP", "address": "127.0.0.1"},
+            {"type": "Hostname", "address": node["name"]},
+        ],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
+        "nodeInfo": {
+            "machineID": node["name"],
+            "systemUUID": node["name"],
+            "bootID": node["name"],
+            "kernelVersion": os.uname().release,
+            "osImage": "fedtune node agent",
+            "containerRuntimeVersion": "fedtune://1",
+            "kubeletVersion": "v1.37.2",
+            "kubeProxyVersion": "",
+            "operatingSystem": "linux",
+            "architecture": "amd64",
+        },
+        "conditions": conditions(True),
+    }
+
+
+def conditions(
+    ready: bool, reason: str = "KubeletReady", message: str = "fedtune node agent is posting ready status"
+) -> list[Obj]:
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out = [
+        {
+            "type": t,
+            "status": "False",
+            "reason": f"KubeletHasSufficient{t[:-8] if t.endswith('Pressure') else t}",
+            "message": "ok",
+            "lastHeartbeatTime": stamp,
+            "lastTransitionTime": stamp,
+        }
+        for t in ("MemoryPressure", "DiskPressure", "PIDPressure")
+    ]
+    out.append(
+        {
+            "type": "Ready",
+            "status": "True" if ready else "False",
+            "reason": reason,
+            "message": message,
+            "lastHeartbeatTime": stamp,
+            "lastTransitionTime": stamp,
+        }
+    )
+    return out
+
+
+class Agent:
+    """The kubelet of a set of fake nodes."""
+
+    def __init__(self, cfg: Obj) -> None:
+        self.cfg = cfg
+        self.state = Path(cfg["state_dir"])
+        self.nodes: dict[str, Obj] = {n["name"]: n for n in cfg["nodes"]}
+        self.gone: set[str] = set()
+        self.runners: dict[str, PodRunner] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.kubelet_port = int(cfg["kubelet_port"])
+        api = config.new_client_from_config(cfg["kubeconfig"])
+        self.core = client.CoreV1Api(api)
+        base = {k: os.environ[k] for k in podspec.INHERITED_ENV if k in os.environ}
+        base["PATH"] = os.pathsep.join([*cfg.get("path_prefix", []), os.environ.get("PATH", "/usr/bin:/bin")])
+        base["KUBERNETES_SERVICE_HOST"] = "127.0.0.1"
+        base["KUBERNETES_SERVICE_PORT"] = str(cfg["api_port"])
+        base["PYTHONUNBUFFERED"] = "1"
+        self.ctx = Context(ApiLookup(self.core), self.state / "pods", self.state / "pvc", base)
+
+    # --- nodes ---------------------------------------------------------------------------------
+
+    def register(self, names: list[str] | None = None) -> None:
+        for name in names or list(self.nodes):
+            node = self.nodes[name]
+            body, status = node_manifest(node, self.kubelet_port)
+            try:
+                self.core.create_node(body, _preload_content=False)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                self.core.patch_node(node["name"], {"metadata": {"labels": body["metadata"]["labels"]}})
+            self.core.patch_node_status(node["name"], {"status": status}, _preload_content=False)
+
+    def heartbeat_loop(self) -> None:
+        api = config.new_client_from_config(self.cfg["kubeconfig"])
+        core, coord = client.CoreV1Api(api), client.CoordinationV1Api(api)
+        posted: dict[str, str] = {}
+        last_renew: dict[str, float] = {}
+        restore = self.state / "restore"
+        while not self.stopping.is_set():
+            for name in list(self.nodes):
+                if name in self.gone and (restore / name).exists():
+                    self.register([name])
+                    (restore / name).unlink()
+                    posted.pop(name, None)
+                    with self.lock:
+                        self.gone.discard(name)
+                if name in self.gone:
+                    continue
+                try:
+                    self._heartbeat(core, coord, name, posted, last_renew)
+                except Exception as exc:  # the API may be briefly unavailable; keep beating
+                    print(f"heartbeat {name}: {exc}", file=sys.stderr, flush=True)
+            self.stopping.wait(1.0)
+
+    def _heartbeat(self, core: Any, coord: Any, name: str, posted: dict[str, str], last: dict[str, float]) -> None:
+        try:
+            node = _json(core.read_node(name, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                with self.lock:
+                    self.gone.add(name)
+                self.wake.set()
+                return
+            raise
+        mode = (node["metadata"].get("annotations") or {}).get(SIMULATE, "")
+        if mode == "unreachable":
+            posted[name] = mode
+            return
+        ready_now = next((c for c in node["status"].get("conditions") or [] if c["type"] == "Ready"), {})
+        want_ready = mode != "not-ready"
+        if posted.get(name) != mode or (ready_now.get("status") == "True") != want_ready:
+            msg = (
+                "fault injected by the test harness" if not want_ready else "fedtune node agent is posting ready status"
+            )
+            conds = conditions(want_ready, "KubeletReady" if want_ready else "KubeletNotReady", msg)
+            core.patch_node_status(name, {"status": {"conditions": conds}}, _preload_content=False)
+            posted[name] = mode
+        if not want_ready or time.monotonic() - last.get(name, 0.0) < RENEW_EVERY:
+            return
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": "kube-node-lease"},
+            "spec": {
+                "holderIdentity": name,
+                "leaseDurationSeconds": LEASE_SECONDS,
+                "renewTime": _micro_now(),
+            },
+        }
+        try:
+            coord.patch_namespaced_lease(name, "kube-node-lease", {"spec": lease["spec"]}, _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            owner = {"apiVersion": "v1", "kind": "Node", "name": name, "uid": node["metadata"]["uid"]}
+            lease["metadata"]["ownerReferences"] = [owner]  # type: ignore[index]
+            coord.create_namespaced_lease("kube-node-lease", lease, _preload_content=False)
+        last[name] = time.monotonic()
+
+    # --- pods ----------------------------------------------------------------------------------
+
+    def watch_loop(self) -> None:
+        api = config.new_client_from_config(self.cfg["kubeconfig"])
+        core = client.CoreV1Api(api)
+        while not self.stopping.is_set():
+            try:
+                for _event in watch.Watch().stream(
+                    core.list_pod_for_all_namespaces, timeout_seconds=60, _request_timeout=90
+                ):
+                    self.wake.set()
+                    if self.stopping.is_set():
+                        return
+            except Exception as exc:  # reconnect after API hiccups; the reconcile loop resyncs anyway
+                print(f"watch: {exc}", file=sys.stderr, flush=True)
+                self.stopping.wait(1.0)
+
+    def reconcile(self) -> None:
+        pods = _json(self.core.list_pod_for_all_namespaces(_preload_content=False))["items"]
+        with self.lock:
+            live = set(self.nodes) - self.gone
+        seen = set()
+        for pod in pods:
+            node = pod["spec"].get("nodeName")
+            if node not in live:
+                continue
+            uid = pod["metadata"]["uid"]
+            seen.add(uid)
+            runner = self.runners.get(uid)
+            if runner is None:
+                if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") and not pod["metadata"].get(
+                    "deletionTimestamp"
+                ):
+                    continue
+                runner = self.runners[uid] = PodRunner(pod, self.ctx)
+            try:
+                runner.sync(pod)
+                self._report(runner)
+            except Exception as exc:  # one pod's trouble must not stall the others
+                print(f"pod {runner.namespace}/{runner.name}: {exc!r}", file=sys.stderr, flush=True)
+        for uid in list(self.runners):
+            if uid not in seen:
+                self.runners.pop(uid).kill_now()
+
+    def _report(self, runner: PodRunner) -> None:
+        status = runner.status()
+        terminal = (runner.pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+        try:
+            if status != runner.last_status and not (terminal and status["phase"] != runner.pod["status"]["phase"]):
+                self.core.patch_namespaced_pod_status(
+                    runner.name, runner.namespace, {"status": status}, _preload_content=False
+                )
+                runner.last_status = status
+            if runner.pod["metadata"].get("deletionTimestamp") and runner.finished_terminating():
+                body = client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=runner.uid)
+                )
+                self.core.delete_namespaced_pod(runner.name, runner.namespace, body=body, _preload_content=False)
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    def run(self) -> None:
+        self.register()
+        server = serve_logs(self, self.cfg)
+        threads = [threading.Thread(target=f, daemon=True) for f in (self.heartbeat_loop, self.watch_loop)]
+        for t in threads:
+            t.start()
+        (self.state / "agent.ready").write_text(str(os.getpid()))
+        try:
+            while not self.stopping.is_set():
+                self.wake.wait(0.5)
+                self.wake.clear()
+                try:
+                    self.reconcile()
+                except Exception as exc:  # keep the node alive through API hiccups
+                    print(f"reconcile: {exc!r}", file=sys.stderr, flush=True)
+                    self.stopping.wait(0.5)
+        finally:
+            for runner in self.runners.values():
+                runner.signal_all(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(c.running for r in self.runners.values() for c in r.containers()):
+                time.sleep(0.1)
+            for runner in self.runners.values():
+                runner.kill_now()
+            server.shutdown()
+
+
+def serve_logs(agent: Agent, cfg: Obj) -> ThreadingHTTPServer:
+    """Serve /containerLogs/{ns}/{pod}/{container} over TLS, as the API server expects of a kubelet."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+        def do_GET(self) -> None:
+            url = urlparse(self.path)
+            parts = url.path.strip("/").split("/")
+            if url.path == "/healthz":
+                self._send(200, b"ok")
+                return
+            if len(parts) != 4 or parts[0] != "containerLogs":
+                self._send(404, b"not found")
+                return
+            _, ns, name, container = parts
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            runner = next((r for r in list(agent.runners.values()) if r.namespace == ns and r.name == name), None)
+            if runner is None or runner.find(container) is None:
+                self._send(404, f"container {container} of pod {ns}/{name} is not on this node".encode())
+                return
+            path = runner.log_path(container, previous=query.get("previous") == "true")
+            data = path.read_bytes() if path.exists() else b""
+            if "tailLines" in query:
+                lines = data.splitlines(keepends=True)
+                data = b"".join(lines[-int(query["tailLines"]) :]) if int(query["tailLines"]) > 0 else b""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(data)
+            if query.get("follow") != "true":
+                return
+            offset = path.stat().st_size if path.exists() else 0
+            c = runner.find(container)
+            while not agent.stopping.is_set():
+                size = path.stat().st_size if path.exists() else 0
+                if size > offset:
+                    with path.open("rb") as fh:
+                        fh.seek(offset)
+                        chunk = fh.read(size - offset)
+                    offset = size
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                elif c is None or not c.running:
+                    return
+                time.sleep(0.2)
+
+        def _send(self, code: int, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", agent.kubelet_port), Handler)
+    server.daemon_threads = True
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cfg["serving_cert"], cfg["serving_key"])
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def main() -> None:
+    cfg = json.loads(Path(sys.argv[1]).read_text())
+    agent = Agent(cfg)
+
+    def stop(_sig: int, _frame: Any) -> None:
+        agent.stopping.set()
+        agent.wake.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    with contextlib.suppress(KeyboardInterrupt):
+        agent.run()
+
+
+if __name__ == "__main__":
+    main()
