@@ -7,6 +7,7 @@ never redoes or rewrites a committed round.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from fedtune.api import FederatedFineTuneSpec
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
 from fedtune.federation.run_store import poll, publish_spec, read_spec
+from fedtune.privacy import ClientLevelDP
 from fedtune.storage import ObjectStore
 from fedtune.training.model import adapter_state, build_model, load_adapter, trainable_keys
 from fedtune.training.tokenizer import build_tokenizer
@@ -56,6 +58,33 @@ class Aggregator:
         self.model = build_model(self.spec, self.tokenizer)
         self.trainable = trainable_keys(self.model)
         self.rounds = self.spec.aggregation.rounds
+        self.dp = self._privacy()
+
+    def _privacy(self) -> ClientLevelDP | None:
+        """Client-level DP for this run, or None; it noises a mean, so it needs a mean-based strategy."""
+        spec = self.spec
+        if not spec.privacy.enabled:
+            return None
+        if not self.strategy.mean_based:
+            raise FedtuneError(
+                f"spec.privacy.enabled: differential privacy noises the mean update, which strategy "
+                f"{self.strategy.name} does not use; choose fedavg, fedavgm, fedprox, fedadam, fedyogi or fedadagrad"
+            )
+        return ClientLevelDP(spec.privacy, spec.clients_per_round, len(spec.clients), spec.seed)
+
+    def _last_round(self, rounds_done: int) -> bool:
+        """Whether no further round may run: all are done, or one more would exceed targetEpsilon."""
+        return rounds_done >= self.rounds or self._stop_reason(rounds_done) is not None
+
+    def _stop_reason(self, rounds_done: int) -> str | None:
+        """Why the run stops before its configured rounds (the privacy budget), or None."""
+        if self.dp is None or rounds_done >= self.rounds or self.dp.within_budget(rounds_done + 1):
+            return None
+        return (
+            f"privacy.targetEpsilon: round {rounds_done} would raise epsilon to "
+            f"{self.dp.epsilon(rounds_done + 1):.4g} > {self.spec.privacy.target_epsilon:g} "
+            f"(delta={self.spec.privacy.delta:g}); stopped after {rounds_done} of {self.rounds} rounds"
+        )
 
     # --- publishing -------------------------------------------------------------------------------
 
@@ -172,14 +201,19 @@ class Aggregator:
         seen = self.collect(gm, reference)
         accepted = dict(seen.accepted)
         if len(accepted) >= self.spec.aggregation.min_clients:
-            new_state, new_server = self.strategy.aggregate(state, self._stream(r, seen, reference), server)
+            updates: Iterator[ClientUpdate] = self._stream(r, seen, reference)
+            if self.dp is not None:
+                clipped = ((u.delta, seen.norms[u.client]) for u in updates)
+                mean, server = self.dp.private_mean(clipped, r, server)
+                updates = iter([ClientUpdate("dp-mean", 1.0, mean)])
+            new_state, new_server = self.strategy.aggregate(state, updates, server)
         else:
             log.warning("round %d: %d valid updates, fewer than minClients; global kept", r, len(accepted))
             new_state, new_server = state, server
         participants = sorted(c for c in accepted if c not in seen.rejected)
         summary = self._summary(gm, seen, participants)
         self.store.put(p.summary(r), p.dumps(summary))
-        self.publish_global(r + 1, new_state, new_server, final=r + 1 >= self.rounds)
+        self.publish_global(r + 1, new_state, new_server, final=self._last_round(r + 1))
         self._observe(summary, {c: accepted[c].bytes for c in participants})
 
     def _summary(self, gm: p.GlobalMarker, seen: Collected, participants: list[str]) -> p.RoundSummary:
@@ -202,7 +236,15 @@ class Aggregator:
             seconds=time.time() - gm.created,
             bytes=sum(m.bytes for m in ms.values()),
             update_norms={c: seen.norms[c] for c in participants},
+            epsilon=self._epsilon(gm.round + 1),
         )
+
+    def _epsilon(self, rounds_done: int) -> float | None:
+        """Epsilon spent after `rounds_done` rounds; None without DP (or without noise: unbounded)."""
+        if self.dp is None:
+            return None
+        eps = self.dp.epsilon(rounds_done)
+        return eps if math.isfinite(eps) else None
 
     def _observe(self, s: p.RoundSummary, sizes: dict[str, int]) -> None:
         metrics.ROUNDS_COMPLETED.labels(*self.labels).set(s.round + 1)
@@ -214,6 +256,8 @@ class Aggregator:
             metrics.TRAIN_LOSS.labels(*self.labels).set(s.train_loss)
         if s.eval_loss is not None:
             metrics.EVAL_LOSS.labels(*self.labels).set(s.eval_loss)
+        if s.epsilon is not None:
+            metrics.EPSILON.labels(*self.labels).set(s.epsilon)
         log.info(
             "round %d closed: %d participants, train_loss=%s eval_loss=%s, %.1fs",
             s.round,
@@ -243,7 +287,10 @@ class Aggregator:
             eval_loss=sum(e.eval_loss * e.eval_examples for e in evals.values()) / total if total else None,
             client_eval_loss={c: e.eval_loss for c, e in sorted(evals.items())},
             adapter=self.store.url("final"),
+            stopped_early=self._stop_reason(gm.round),
         )
+        if final.stopped_early:
+            log.warning("%s", final.stopped_early)
         self.store.put_if_absent(p.FINAL_SUMMARY, p.dumps(final))
         if final.eval_loss is not None:
             metrics.EVAL_LOSS.labels(*self.labels).set(final.eval_loss)
@@ -268,7 +315,7 @@ class Aggregator:
         metrics.ROUNDS_TOTAL.labels(*self.labels).set(self.rounds)
         latest = p.latest_global(self.store)
         if latest is None:
-            self.publish_global(0, adapter_state(self.model), {}, final=self.rounds == 0)
+            self.publish_global(0, adapter_state(self.model), {}, final=self._last_round(0))
             latest = 0
         else:
             log.info("resuming at round %d", latest)

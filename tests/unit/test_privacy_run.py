@@ -1,0 +1,60 @@
+"""DP in a real local run: epsilon in every round summary, the adaptive clip norm carried in the server
+state, and the run ending with a reason before targetEpsilon would be exceeded."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from fedtune.aggregation.encoding import load_state
+from fedtune.api import load_resource
+from fedtune.errors import FedtuneError
+from fedtune.federation import protocol as p
+from fedtune.federation.aggregator import Aggregator
+from fedtune.local.runner import LocalRun
+from fedtune.privacy import CLIP_NORM, epsilon
+from fedtune.storage import open_store
+from tests.federation.conftest import tiny_resource, write_data
+
+pytestmark = pytest.mark.slow
+
+PRIVACY = {"enabled": True, "clipNorm": 0.5, "adaptiveClipping": True, "noiseMultiplier": 3.0, "delta": 1e-5}
+
+
+def spec_file(tmp_path: Path, **overrides: object) -> Path:
+    write_data(tmp_path / "data")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_resource(tmp_path / "data", **overrides)))
+    return path
+
+
+def test_dp_run_reports_epsilon_and_stops_before_the_target(tmp_path: Path) -> None:
+    # All 3 clients every round (q = 1), z = 3: epsilon is 1.39, 2.03, 2.54 after rounds 1, 2, 3.
+    target = (epsilon(3.0, 1.0, 2, 1e-5) + epsilon(3.0, 1.0, 3, 1e-5)) / 2
+    path = spec_file(tmp_path, privacy={**PRIVACY, "targetEpsilon": target}, aggregation={"rounds": 5, "minClients": 3})
+    out = tmp_path / "runs"
+    final = LocalRun(path, output=out, console=Console(file=io.StringIO())).run(live=False)
+    store = open_store(str(out / "tiny"))
+
+    assert final.rounds == 2
+    assert final.stopped_early is not None
+    assert final.stopped_early.startswith("privacy.targetEpsilon: round 2 would raise epsilon to 2.54")
+    for r in range(2):
+        s = p.read_record(store, p.summary(r), p.RoundSummary)
+        assert s is not None and s.epsilon == epsilon(3.0, 1.0, r + 1, 1e-5)
+        assert s.epsilon <= target
+    gm = p.read_record(store, p.global_marker(1), p.GlobalMarker)
+    assert gm is not None and gm.server_state_sha256
+    clip = float(load_state(store.get(p.server_state(1)))[CLIP_NORM])
+    assert clip > 0 and clip != PRIVACY["clipNorm"]
+
+
+def test_dp_with_a_robust_strategy_is_refused(tmp_path: Path) -> None:
+    path = spec_file(tmp_path, privacy=PRIVACY, aggregation={"strategy": "fedmedian"})
+    spec = load_resource(path).spec
+    with pytest.raises(FedtuneError, match=r"spec\.privacy\.enabled: .* fedmedian"):
+        Aggregator(open_store(str(tmp_path / "store")), spec)
