@@ -16,8 +16,10 @@ from fedtune.aggregation.base import ClientUpdate, State, Strategy, collect
 from fedtune.aggregation.distances import krum_scores, squared_distances
 from fedtune.aggregation.fedavg import apply_delta
 from fedtune.aggregation.order import sort_rows
+from fedtune.tensors import single_threaded
 
 
+@single_threaded()
 def closest_to_median_mean(rows: list[torch.Tensor], drop: int) -> torch.Tensor:
     """Per coordinate, the mean of the len(rows) − drop values nearest the median."""
     s = torch.stack(sort_rows(rows))

@@ -20,6 +20,7 @@ from safetensors.torch import save as st_save
 
 from fedtune.aggregation.base import State
 from fedtune.errors import FedtuneError
+from fedtune.tensors import single_threaded
 
 ENCODINGS = ("fp32", "bf16", "int8", "int8-channel")
 SCALES = "__scales__"
@@ -60,6 +61,7 @@ def _dequantize(tensors: dict[str, torch.Tensor], per_channel: bool) -> State:
     return out
 
 
+@single_threaded()
 def encode(state: State, encoding: str = "fp32") -> bytes:
     """Serialise an update in the named encoding."""
     if encoding not in ENCODINGS:
@@ -89,6 +91,7 @@ def encoding_of(data: bytes) -> str:
     return enc
 
 
+@single_threaded()
 def decode(data: bytes) -> State:
     """Float32 tensors back from any encoding `encode` writes."""
     enc = encoding_of(data)

@@ -8,8 +8,10 @@ import torch
 
 from fedtune.aggregation.base import ClientUpdate, State, Strategy
 from fedtune.errors import FedtuneError
+from fedtune.tensors import single_threaded
 
 
+@single_threaded()
 def weighted_mean(updates: Iterable[ClientUpdate]) -> State:
     """Weighted mean of deltas, accumulated in place one update at a time.
 
@@ -35,6 +37,7 @@ def weighted_mean(updates: Iterable[ClientUpdate]) -> State:
     return acc
 
 
+@single_threaded()
 def apply_delta(global_state: State, delta: State, scale: float = 1.0) -> State:
     """global + scale·delta on the keys the delta has; other keys (frozen ones) unchanged."""
     out = dict(global_state)

@@ -20,6 +20,7 @@ import torch
 
 from fedtune.aggregation.base import ClientUpdate, State, Strategy
 from fedtune.aggregation.fedavg import apply_delta, weighted_mean
+from fedtune.tensors import single_threaded
 
 
 class FedOpt(Strategy):
@@ -31,6 +32,7 @@ class FedOpt(Strategy):
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         """The new second-moment estimate from the old one and the squared pseudo-gradient."""
 
+    @single_threaded()
     def aggregate(
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
     ) -> tuple[State, State]:

@@ -14,6 +14,8 @@ from functools import cache
 
 import torch
 
+from fedtune.tensors import single_threaded
+
 Network = tuple[tuple[int, int], ...]
 
 
@@ -56,6 +58,7 @@ def pruned_network(n: int, groups: tuple[int, ...]) -> Network:
     return tuple(reversed(kept))
 
 
+@single_threaded()
 def run_network(rows: list[torch.Tensor], network: Network) -> list[torch.Tensor]:
     """Apply the comparators; the inputs are not modified."""
     out = list(rows)
@@ -78,6 +81,7 @@ def median(rows: list[torch.Tensor]) -> torch.Tensor:
     return out[lo] if lo == hi else (out[lo] + out[hi]) / 2
 
 
+@single_threaded()
 def trimmed_sum(rows: list[torch.Tensor], cut: int) -> torch.Tensor:
     """Coordinate-wise sum of the values left after dropping the `cut` smallest and `cut` largest."""
     n = len(rows)

@@ -12,8 +12,10 @@ import math
 import torch
 
 from fedtune.aggregation.base import State
+from fedtune.tensors import single_threaded
 
 
+@single_threaded()
 def update_norm(delta: State) -> float:
     """The L2 norm of the whole update, all tensors flattened together."""
     return math.sqrt(sum(float(torch.sum(v.to(torch.float64) ** 2)) for v in delta.values()))
@@ -27,6 +29,7 @@ def check_digest(data: bytes, expected_sha256: str) -> str | None:
     return None
 
 
+@single_threaded()
 def validate_update(delta: State, trainable: State, max_norm: float | None) -> str | None:
     """Why the update must be rejected, or None if it is sound.
 

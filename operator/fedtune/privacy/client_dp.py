@@ -26,6 +26,7 @@ import torch
 from fedtune.api.spec import PrivacySpec
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accountant import epsilon
+from fedtune.tensors import single_threaded
 
 State = dict[str, torch.Tensor]
 CLIP_NORM = "dp/clip_norm"
@@ -90,6 +91,7 @@ class ClientLevelDP:
             return float(server_state[CLIP_NORM])
         return self.spec.clip_norm
 
+    @single_threaded()
     def private_mean(self, updates: Iterable[tuple[State, float]], r: int, server_state: State) -> tuple[State, State]:
         """The noised mean of the clipped updates of round r, and the server state for the next round.
 
