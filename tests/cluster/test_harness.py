@@ -7,6 +7,7 @@ import signal
 import sys
 import textwrap
 import time
+import urllib.request
 from typing import Any
 
 import pytest
@@ -286,3 +287,47 @@ def test_kubectl_works_with_the_kubeconfig(cluster: Cluster) -> None:
     assert sorted(out) == ["node/cpu-0", "node/gpu-a100-0", "node/gpu-a100-1", "node/gpu-h100-0"]
     version = client.VersionApi(cluster.api_client()).get_code()
     assert version.git_version.startswith("v1.")
+
+
+def test_active_deadline_fails_the_pod(cluster: Cluster, namespace: str) -> None:
+    spec = pod("late", "import time; time.sleep(600)", activeDeadlineSeconds=2, terminationGracePeriodSeconds=1)
+    cluster.core().create_namespaced_pod(namespace, spec)
+    done = cluster.wait_pod(namespace, "late", ["Failed", "Succeeded"], timeout=60)
+    assert (done.status.phase, done.status.reason) == ("Failed", "DeadlineExceeded")
+
+
+def test_declared_ports_get_free_host_ports(cluster: Cluster, namespace: str) -> None:
+    code = """
+        import http.server, os
+        port = int(os.environ["FEDTUNE_PORT_METRICS"])
+        http.server.HTTPServer(("127.0.0.1", port), http.server.SimpleHTTPRequestHandler).serve_forever()
+    """
+    container = {"ports": [{"name": "metrics", "containerPort": 9090}]}
+    for name in ("a", "b"):
+        cluster.core().create_namespaced_pod(namespace, pod(name, code, container=container))
+    ports = [cluster.pod_ports(namespace, name)[9090] for name in ("a", "b")]
+    assert ports[0] != ports[1]
+    for name, port in zip(("a", "b"), ports, strict=True):
+        cluster.wait_pod(namespace, name, ["Running"])
+        wait_for(
+            lambda p=port: urllib.request.urlopen(f"http://127.0.0.1:{p}/", timeout=2).status == 200, 30, "serving"
+        )
+
+
+def test_unreachable_node_stops_reporting_until_it_returns(cluster: Cluster, namespace: str) -> None:
+    core = cluster.core()
+    spec = pod("cut-off", "import time; time.sleep(600)", nodeSelector={"kubernetes.io/hostname": "gpu-a100-0"})
+    spec["spec"]["tolerations"] = [GPU_TOLERATION]
+    core.create_namespaced_pod(namespace, spec)
+    cluster.wait_pod(namespace, "cut-off", ["Running"])
+    pid = cluster.pod_pid(namespace, "cut-off")
+    cluster.make_node_unreachable("gpu-a100-0")
+    try:
+        wait_for(lambda: cluster.node_agent_mode("gpu-a100-0") == "unreachable", 30, "the agent to notice")
+        core.delete_namespaced_pod("cut-off", namespace, grace_period_seconds=5)
+        wait_for(lambda: core.read_namespaced_pod("cut-off", namespace).metadata.deletion_timestamp, 10, "deleting")
+        assert _alive(pid)
+        assert core.read_namespaced_pod("cut-off", namespace).metadata.deletion_timestamp is not None
+    finally:
+        cluster.make_node_ready("gpu-a100-0")
+    wait_for(lambda: not _alive(pid), 30, "the process stopped once the node is back")

@@ -110,7 +110,10 @@ def up() -> int:
     if spent:
         print(f"cold build: {build_s:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in spent.items())})")
     else:
-        print(f"binaries cached ({build_s:.1f}s)")
+        record = build.cache_root() / "build-times.json"
+        times = json.loads(record.read_text()) if record.is_file() else {}
+        cold = f", cold build took {sum(times.values()):.0f}s" if times else ""
+        print(f"binaries cached under {build.cache_root()} ({build_s:.1f}s{cold})")
     print(f"cluster started in {start_s:.1f}s (warm start)")
     print(f"""
   export KUBECONFIG={HOME / "kubeconfig"} PATH={HOME / "bin"}:$PATH

@@ -7,7 +7,8 @@ tests.cluster.harness.agent CONFIG.json``; it dies with the process that started
 processes die with it.
 
 A node's ``fedtune.io/simulate`` annotation injects faults: ``not-ready`` posts Ready=False and
-stops the lease, ``unreachable`` stops every heartbeat (the node controller then marks it Unknown).
+stops the lease, ``unreachable`` stops every heartbeat and every pod update (the node controller then marks it
+Unknown, while its pods' processes run on).
 A deleted node is not registered again, and its pods' processes are killed, as if the machine died,
 until a file ``restore/<node>`` appears in the agent's state folder.
 """
@@ -163,6 +164,7 @@ class Agent:
         self.state = Path(cfg["state_dir"])
         self.nodes: dict[str, Obj] = {n["name"]: n for n in cfg["nodes"]}
         self.gone: set[str] = set()
+        self.modes: dict[str, str] = {}
         self.runners: dict[str, PodRunner] = {}
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -224,6 +226,10 @@ class Agent:
                 return
             raise
         mode = (node["metadata"].get("annotations") or {}).get(SIMULATE, "")
+        with self.lock:
+            if self.modes.get(name) != mode:
+                self.modes[name] = mode
+                (self.state / "modes.json").write_text(json.dumps(self.modes, sort_keys=True))
         if mode == "unreachable":
             posted[name] = mode
             return
@@ -279,6 +285,7 @@ class Agent:
         pods = _json(self.core.list_pod_for_all_namespaces(_preload_content=False))["items"]
         with self.lock:
             live = set(self.nodes) - self.gone
+            frozen = {n for n, mode in self.modes.items() if mode == "unreachable"}
         seen = set()
         for pod in pods:
             node = pod["spec"].get("nodeName")
@@ -286,6 +293,8 @@ class Agent:
                 continue
             uid = pod["metadata"]["uid"]
             seen.add(uid)
+            if node in frozen:
+                continue  # cut off from the API: its processes run on, unseen and unmanaged
             runner = self.runners.get(uid)
             if runner is None:
                 if pod.get("status", {}).get("phase") in ("Succeeded", "Failed") and not pod["metadata"].get(

@@ -196,6 +196,12 @@ class Cluster:
         text = procs.wait_for(lambda: pid_file.is_file() and pid_file.read_text(), 60, f"{pid_file}")
         return int(str(text))
 
+    def pod_ports(self, namespace: str, name: str) -> dict[int, int]:
+        """Host port of each declared container port of a running pod (pods share the host network)."""
+        path = self.pod_folder(namespace, name) / "ports.json"
+        procs.wait_for(path.is_file, 60, f"{path}")
+        return {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
+
     def kill_pod(self, namespace: str, name: str, container: str | None = None, sig: int = signal.SIGKILL) -> int:
         """Kill a container's process (and its children) as a crash or OOM kill would; returns the pid."""
         pid = self.pod_pid(namespace, name, container)
@@ -215,6 +221,11 @@ class Cluster:
         """The node's agent posts Ready=False and stops renewing its lease."""
         self._simulate(node, "not-ready")
         procs.wait_for(lambda: self.node_ready(node) == "False", timeout, f"node {node} NotReady")
+
+    def node_agent_mode(self, node: str) -> str:
+        """The fault the node agent currently simulates for a node ('' when none)."""
+        path = self.folder / "agent" / "modes.json"
+        return str(json.loads(path.read_text()).get(node, "")) if path.is_file() else ""
 
     def make_node_unreachable(self, node: str) -> None:
         """The node stops every heartbeat; the node controller marks it Unknown after its grace period."""

@@ -8,6 +8,7 @@ process is forked from that thread (its parent-death signal stays valid for the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -18,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from . import podspec
-from .procs import die_with_parent
+from .procs import die_with_parent, free_port
 
 Obj = dict[str, Any]
 BACKOFF_START = 1.0
 BACKOFF_MAX = 10.0
+VOLUME_REFRESH_SECONDS = 120.0
 
 
 def now() -> str:
@@ -84,6 +86,10 @@ class PodRunner:
         self.terminating_since: float | None = None
         self.kill_deadline: float | None = None
         self.last_status: Obj | None = None
+        self.started = time.monotonic()
+        self.refresh_at = 0.0
+        self.deadline_exceeded = False
+        self.ports: dict[str, int] = {}
         self.pod = pod
 
     # --- driving -------------------------------------------------------------------------------
@@ -105,14 +111,22 @@ class PodRunner:
             return
         if self.phase() in ("Succeeded", "Failed"):
             return
-        if not self.prepared:
+        deadline = pod["spec"].get("activeDeadlineSeconds")
+        if self.deadline_exceeded or (deadline and time.monotonic() - self.started > int(deadline)):
+            self.deadline_exceeded = True
+            self._terminate(int(pod["spec"].get("terminationGracePeriodSeconds", 30)))
+            return
+        if not self.prepared or time.monotonic() >= self.refresh_at:
             try:
                 self.volumes.materialise(pod, self.ctx.lookup, self.ctx.pvc_root)
                 self.prepared = True
                 self.config_error = None
             except podspec.ConfigError as exc:
-                self.config_error = str(exc)
-                return
+                self.config_error = None if self.prepared else str(exc)
+                if not self.prepared:
+                    return
+            # Secrets, ConfigMaps and tokens are re-read now and then, as a kubelet does.
+            self.refresh_at = time.monotonic() + VOLUME_REFRESH_SECONDS
         self._reap()
         pending_init = next((c for c in self.init if not self._done(c)), None)
         if pending_init is not None:
@@ -162,6 +176,7 @@ class PodRunner:
                 c.backoff = min(c.backoff * 2, BACKOFF_MAX)
 
     def _start(self, c: Container) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         if c.terminated is not None:
             c.last_terminated = c.terminated
             c.terminated = None
@@ -172,6 +187,7 @@ class PodRunner:
             env.update(podspec.mounts_env(self.volumes.root, self.folder, mounts))
             env["HOSTNAME"] = self.name
             env["HOME"] = str(self.folder / "home")
+            env.update(self._ports(c))
             env = podspec.container_env(self.pod, c.spec, self.ctx.lookup, env, mounts)
             argv = podspec.command_line(c.spec, env, mounts)
         except podspec.ConfigError as exc:
@@ -218,6 +234,26 @@ class PodRunner:
         c.waiting = None
         (self.folder / f"{c.name}.pid").write_text(str(c.proc.pid))
 
+    def _ports(self, c: Container) -> dict[str, str]:
+        """Every pod shares the host's network, so each declared port gets a free host port.
+
+        The process finds it in FEDTUNE_PORT_<NAME> (or FEDTUNE_PORTS, JSON container port to host
+        port); ports.json in the pod folder tells tests where to connect.
+        """
+        env: dict[str, str] = {}
+        mapping: dict[str, int] = {}
+        for port in c.spec.get("ports") or []:
+            key = str(port["containerPort"])
+            if key not in self.ports:
+                self.ports[key] = free_port()
+            mapping[key] = self.ports[key]
+            if port.get("name"):
+                env["FEDTUNE_PORT_" + port["name"].upper().replace("-", "_")] = str(self.ports[key])
+        if mapping:
+            env["FEDTUNE_PORTS"] = json.dumps(mapping, sort_keys=True)
+            (self.folder / "ports.json").write_text(json.dumps(self.ports, sort_keys=True))
+        return env
+
     # --- ending --------------------------------------------------------------------------------
 
     def signal_all(self, sig: int) -> None:
@@ -250,6 +286,8 @@ class PodRunner:
     # --- status --------------------------------------------------------------------------------
 
     def phase(self) -> str:
+        if self.deadline_exceeded and not any(c.running for c in self.containers()):
+            return "Failed"
         if any(c.running for c in self.containers()):
             return "Running" if all(self._done(c) for c in self.init) else "Pending"
         if self.init and not all(self._done(c) for c in self.init):
@@ -327,6 +365,9 @@ class PodRunner:
             "startTime": self.start_time,
             "containerStatuses": [self._container_status(c) for c in self.main],
         }
+        if self.deadline_exceeded and phase == "Failed":
+            status["reason"] = "DeadlineExceeded"
+            status["message"] = "Pod was active on the node longer than the specified deadline"
         if self.init:
             status["initContainerStatuses"] = [self._container_status(c) for c in self.init]
         return status
