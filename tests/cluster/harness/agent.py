@@ -7,10 +7,10 @@ tests.cluster.harness.agent CONFIG.json``; it dies with the process that started
 processes die with it.
 
 A node's ``fedtune.io/simulate`` annotation injects faults: ``not-ready`` posts Ready=False and
-stops the lease, ``unreachable`` stops every heartbeat and every pod update (the node controller then marks it
-Unknown, while its pods' processes run on).
-A deleted node is not registered again, and its pods' processes are killed, as if the machine died,
-until a file ``restore/<node>`` appears in the agent's state folder.
+stops the lease, ``unreachable`` stops every heartbeat and every pod update (the node controller
+then marks it Unknown, while its pods' processes run on). A deleted node is not registered again
+and its pods' processes are killed, as if the machine died, until a file ``restore/<node>``
+appears in the agent's state folder.
 """
 
 from __future__ import annotations
@@ -19,20 +19,19 @@ import contextlib
 import json
 import os
 import signal
-import ssl
 import sys
 import threading
 import time
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from . import podspec
+from .logserver import serve_logs
+from .nodes import conditions, node_manifest
 from .runner import Context, PodRunner
 
 Obj = dict[str, Any]
@@ -81,79 +80,6 @@ class ApiLookup(podspec.Lookup):
         sa = pod["spec"].get("serviceAccountName") or "default"
         resp = self.core.create_namespaced_service_account_token(sa, meta["namespace"], body, _preload_content=False)
         return str(_json(resp)["status"]["token"])
-
-
-def node_manifest(node: Obj, kubelet_port: int) -> tuple[Obj, Obj]:
-    """The Node object and its status for one node of the agent's configuration."""
-    labels = {
-        "kubernetes.io/hostname": node["name"],
-        "kubernetes.io/os": "linux",
-        "kubernetes.io/arch": "amd64",
-        **node.get("labels", {}),
-    }
-    capacity = {
-        "cpu": "16",
-        "memory": "64Gi",
-        "pods": "110",
-        "ephemeral-storage": "100Gi",
-        **node.get("capacity", {}),
-    }
-    body = {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": node["name"], "labels": labels},
-        "spec": {"taints": node.get("taints", [])},
-    }
-    return body, {
-        "capacity": capacity,
-        "allocatable": capacity,
-        "addresses": [
-            {"type": "InternalIP", "address": "127.0.0.1"},
-            {"type": "Hostname", "address": node["name"]},
-        ],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
-        "nodeInfo": {
-            "machineID": node["name"],
-            "systemUUID": node["name"],
-            "bootID": node["name"],
-            "kernelVersion": os.uname().release,
-            "osImage": "fedtune node agent",
-            "containerRuntimeVersion": "fedtune://1",
-            "kubeletVersion": "v1.37.2",
-            "kubeProxyVersion": "",
-            "operatingSystem": "linux",
-            "architecture": "amd64",
-        },
-        "conditions": conditions(True),
-    }
-
-
-def conditions(
-    ready: bool, reason: str = "KubeletReady", message: str = "fedtune node agent is posting ready status"
-) -> list[Obj]:
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    out = [
-        {
-            "type": t,
-            "status": "False",
-            "reason": f"KubeletHasSufficient{t[:-8] if t.endswith('Pressure') else t}",
-            "message": "ok",
-            "lastHeartbeatTime": stamp,
-            "lastTransitionTime": stamp,
-        }
-        for t in ("MemoryPressure", "DiskPressure", "PIDPressure")
-    ]
-    out.append(
-        {
-            "type": "Ready",
-            "status": "True" if ready else "False",
-            "reason": reason,
-            "message": message,
-            "lastHeartbeatTime": stamp,
-            "lastTransitionTime": stamp,
-        }
-    )
-    return out
 
 
 class Agent:
@@ -354,69 +280,6 @@ class Agent:
             for runner in self.runners.values():
                 runner.kill_now()
             server.shutdown()
-
-
-def serve_logs(agent: Agent, cfg: Obj) -> ThreadingHTTPServer:
-    """Serve /containerLogs/{ns}/{pod}/{container} over TLS, as the API server expects of a kubelet."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
-        def do_GET(self) -> None:
-            url = urlparse(self.path)
-            parts = url.path.strip("/").split("/")
-            if url.path == "/healthz":
-                self._send(200, b"ok")
-                return
-            if len(parts) != 4 or parts[0] != "containerLogs":
-                self._send(404, b"not found")
-                return
-            _, ns, name, container = parts
-            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            runner = next((r for r in list(agent.runners.values()) if r.namespace == ns and r.name == name), None)
-            if runner is None or runner.find(container) is None:
-                self._send(404, f"container {container} of pod {ns}/{name} is not on this node".encode())
-                return
-            path = runner.log_path(container, previous=query.get("previous") == "true")
-            data = path.read_bytes() if path.exists() else b""
-            if "tailLines" in query:
-                lines = data.splitlines(keepends=True)
-                data = b"".join(lines[-int(query["tailLines"]) :]) if int(query["tailLines"]) > 0 else b""
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain")
-            self.end_headers()
-            self.wfile.write(data)
-            if query.get("follow") != "true":
-                return
-            offset = path.stat().st_size if path.exists() else 0
-            c = runner.find(container)
-            while not agent.stopping.is_set():
-                size = path.stat().st_size if path.exists() else 0
-                if size > offset:
-                    with path.open("rb") as fh:
-                        fh.seek(offset)
-                        chunk = fh.read(size - offset)
-                    offset = size
-                    self.wfile.write(chunk)
-                    self.wfile.flush()
-                elif c is None or not c.running:
-                    return
-                time.sleep(0.2)
-
-        def _send(self, code: int, body: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", agent.kubelet_port), Handler)
-    server.daemon_threads = True
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cfg["serving_cert"], cfg["serving_key"])
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def main() -> None:
