@@ -331,3 +331,19 @@ def test_unreachable_node_stops_reporting_until_it_returns(cluster: Cluster, nam
     finally:
         cluster.make_node_ready("gpu-a100-0")
     wait_for(lambda: not _alive(pid), 30, "the process stopped once the node is back")
+
+
+def test_not_ready_node_evicts_pods_after_their_toleration(cluster: Cluster, namespace: str) -> None:
+    core = cluster.core()
+    spec = pod("evicted", "import time; time.sleep(600)", nodeSelector={"kubernetes.io/hostname": "gpu-a100-1"})
+    not_ready = {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"}
+    spec["spec"]["tolerations"] = [GPU_TOLERATION, {**not_ready, "tolerationSeconds": 1}]
+    core.create_namespaced_pod(namespace, spec)
+    cluster.wait_pod(namespace, "evicted", ["Running"])
+    pid = cluster.pod_pid(namespace, "evicted")
+    cluster.make_node_not_ready("gpu-a100-1")
+    try:
+        wait_for(lambda: not core.list_namespaced_pod(namespace).items, 60, "the taint manager's eviction")
+        assert not _alive(pid)
+    finally:
+        cluster.make_node_ready("gpu-a100-1")
