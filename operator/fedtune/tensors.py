@@ -13,8 +13,9 @@ def single_threaded() -> Iterator[None]:
     """Run torch's CPU ops on one thread for the duration.
 
     Aggregation is elementwise work over many tensors of a few hundred kB each: memory bound, so a
-    second thread adds nothing but a synchronisation per op, and on a busy machine that wait costs
-    20× the op itself. Matrix products (Krum's Gram matrix) stay outside this context.
+    second thread adds nothing but a synchronisation per op, and when the cores are shared (an
+    aggregator pod asks for one CPU by default) that wait costs 20× the op itself. The thin matrix
+    products of Krum's Gram matrix fare the same.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)

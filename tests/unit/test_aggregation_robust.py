@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedtune.aggregation import ClientUpdate, State, make_strategy
-from fedtune.aggregation.order import median, pruned_network, sort_rows, sorting_network, trimmed_sum
+from fedtune.aggregation.order import CHUNK, median, pruned_network, sort_rows, sorting_network, trimmed_sum
 from fedtune.aggregation.validation import update_norm, validate_update
 from fedtune.api.spec import AggregationSpec
 
@@ -66,18 +66,33 @@ def test_norm_bound_rejects_the_scaled_update_before_fedavg() -> None:
     assert distance(new, honest_mean) < 1e-6
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 10, 16, 33, 50])
-def test_order_networks_match_numpy(n: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "shape"),
+    [
+        (1, (257,)),
+        (2, (257,)),
+        (3, (257,)),
+        (4, (257,)),
+        (7, (257,)),
+        (10, (2, CHUNK // 2 + 9)),
+        (16, (257,)),
+        (33, (3, 129)),
+        (50, (CHUNK + 3,)),
+    ],
+)
+def test_order_networks_match_numpy(n: int, shape: tuple[int, ...]) -> None:
+    """Exact against numpy, on inputs that span more than one chunk of coordinates too."""
     gen = torch.Generator().manual_seed(n)
-    rows = [torch.randn(257, generator=gen) for _ in range(n)]
-    rows[0][:20] = rows[-1][:20]  # ties
+    rows = [torch.randn(shape, generator=gen) for _ in range(n)]
+    rows[0].view(-1)[:20] = rows[-1].view(-1)[:20]  # ties
+    before = [r.clone() for r in rows]
     ref = np.stack([r.numpy() for r in rows])
     assert torch.equal(median(rows), torch.from_numpy(np.median(ref, axis=0)))
     assert torch.equal(torch.stack(sort_rows(rows)), torch.from_numpy(np.sort(ref, axis=0)))
     for cut in range(0, (n + 1) // 2):
         want = np.sort(ref, axis=0)[cut : n - cut].astype(np.float64).sum(0)
         assert np.allclose(trimmed_sum(rows, cut).numpy(), want, atol=1e-5)
-    assert all(r.shape == (257,) for r in rows)  # inputs untouched in shape
+    assert all(torch.equal(r, b) for r, b in zip(rows, before, strict=True))  # inputs untouched
 
 
 def test_pruning_drops_comparators_the_median_ignores() -> None:

@@ -28,6 +28,13 @@ def test_nan_and_inf_are_rejected() -> None:
         assert "non-finite" in (validate_update(d, GLOBAL, None) or "")
 
 
+def test_large_finite_values_are_not_mistaken_for_inf() -> None:
+    d = good()
+    d["a.lora_A"][0, 0] = 3e38  # its square overflows float32, not the float64 the check sums in
+    assert validate_update(d, GLOBAL, None) is None
+    assert "exceeds" in (validate_update(d, GLOBAL, max_norm=1e30) or "")
+
+
 def test_wrong_shape_is_rejected() -> None:
     d = good()
     d["a.lora_A"] = torch.zeros(3, 2)

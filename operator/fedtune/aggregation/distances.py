@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from fedtune.aggregation.base import ClientUpdate
+from fedtune.tensors import single_threaded
 
 
+@single_threaded()
 def squared_distances(updates: list[ClientUpdate]) -> torch.Tensor:
     """K×K float64 matrix of ‖Δi − Δj‖² over all tensors of the updates."""
     k = len(updates)
