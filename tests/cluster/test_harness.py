@@ -347,3 +347,35 @@ def test_not_ready_node_evicts_pods_after_their_toleration(cluster: Cluster, nam
         assert not _alive(pid)
     finally:
         cluster.make_node_ready("gpu-a100-1")
+
+
+def test_init_container_and_container_paths(cluster: Cluster, namespace: str) -> None:
+    writer = {
+        "name": "init",
+        "image": "python:3.11",
+        "command": ["python", "-c", "import sys; open(sys.argv[1], 'w').write('from init')", "/work/hello.txt"],
+        "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+    }
+    reader = """
+        import os, sys
+        assert os.environ["HOME"] == os.path.realpath(os.getcwd()), (os.environ["HOME"], os.getcwd())
+        print(open(sys.argv[1].split("=", 1)[1]).read(), open("hello.txt").read())
+    """
+    spec = pod(
+        "paths",
+        reader,
+        container={
+            "args": ["--config=/work/hello.txt"],
+            "workingDir": "/work",
+            "env": [{"name": "HOME", "value": "/work"}],
+            "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+        },
+        initContainers=[writer],
+        volumes=[{"name": "work", "emptyDir": {}}],
+    )
+    cluster.core().create_namespaced_pod(namespace, spec)
+    done = cluster.wait_pod(namespace, "paths", ["Succeeded", "Failed"])
+    out = logs(cluster, namespace, "paths")
+    assert done.status.phase == "Succeeded", out
+    assert done.status.init_container_statuses[0].state.terminated.exit_code == 0
+    assert out.strip() == "from init from init"

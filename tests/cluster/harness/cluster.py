@@ -153,6 +153,10 @@ class Cluster:
         """Stop the agent (and so every pod process), the control plane, and an S3 server it owns."""
         procs.stop(self.agent, grace=10.0)
         self.agent = None
+        # Should the agent have died abruptly, its pods' own children may still run: end their groups.
+        for pid_file in (self.folder / "agent" / "pods").glob("*/*/*.pid"):
+            with contextlib.suppress(ValueError, OSError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
         self.control_plane.stop()
         if self.own_s3 and self.s3 is not None:
             self.s3.stop()

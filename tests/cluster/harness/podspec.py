@@ -202,22 +202,16 @@ class Volumes:
         """Link each mount path of a container under root/; returns mount path -> real path."""
         mounts: dict[str, str] = {}
         for m in container.get("volumeMounts") or []:
-            real = self.folder / "vol" / m["name"]
-            if m.get("subPath"):
-                real = real / m["subPath"]
-                if not real.exists() and not real.suffix:
-                    real.mkdir(parents=True, exist_ok=True)
+            real = (self.folder / "vol" / m["name"] / m.get("subPath", "")).resolve()
+            if not real.exists():
+                real.mkdir(parents=True)
             link = self.root / m["mountPath"].lstrip("/")
             link.parent.mkdir(parents=True, exist_ok=True)
-            if link.is_symlink() or link.exists():
-                if link.is_symlink() and os.readlink(link) == str(real.resolve()):
-                    mounts[m["mountPath"].rstrip("/") or "/"] = str(real.resolve())
-                    continue
-                if link.is_symlink():
-                    link.unlink()
-            if not link.exists():
-                link.symlink_to(real.resolve())
-            mounts[m["mountPath"].rstrip("/") or "/"] = str(real.resolve())
+            if link.is_symlink() and os.readlink(link) != str(real):
+                link.unlink()
+            if not link.is_symlink():
+                link.symlink_to(real)
+            mounts[m["mountPath"].rstrip("/") or "/"] = str(real)
         return mounts
 
 

@@ -194,12 +194,9 @@ class PodRunner:
             c.waiting = {"reason": "CreateContainerConfigError", "message": str(exc)}
             return
         (self.folder / "home").mkdir(parents=True, exist_ok=True)
-        workdir = c.spec.get("workingDir")
-        cwd = Path(podspec.rewrite_paths(workdir, mounts)) if workdir else self.volumes.root
-        if workdir and not cwd.is_absolute():
-            cwd = self.volumes.root / workdir
-        if workdir and str(cwd) == workdir:
-            cwd = self.volumes.root / workdir.lstrip("/")
+        workdir = c.spec.get("workingDir") or "/"
+        mapped = podspec.rewrite_paths(workdir, mounts)
+        cwd = Path(mapped) if mapped != workdir else self.volumes.root / workdir.lstrip("/")
         cwd.mkdir(parents=True, exist_ok=True)
         log = self.log_path(c.name)
         log.parent.mkdir(parents=True, exist_ok=True)
