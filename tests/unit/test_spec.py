@@ -105,5 +105,5 @@ def test_validate_reports_yaml_syntax_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_examples_are_valid() -> None:
-    out = run_cli("validate", *map(str, sorted((REPO / "examples").glob("*.yaml"))))
+    out = run_cli("validate", *map(str, sorted((REPO / "examples").rglob("*.yaml"))))
     assert out.returncode == 0, out.stderr

@@ -278,7 +278,7 @@ class StorageSpec(SpecModel):
     secret_ref: str | None = Field(
         None,
         max_length=253,
-        description="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the pods.",
+        description="Secret whose keys become the pods' environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optionally AWS_ENDPOINT_URL.",
     )
     keep: bool = Field(True, description="Keep the run's objects when the resource is deleted.")
 

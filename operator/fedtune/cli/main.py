@@ -7,6 +7,7 @@ traceback: users act on the message, and supervisors (the local runner, Kubernet
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -59,7 +60,8 @@ def friendly(fn: Callable[P, R]) -> Callable[P, R]:
 def _logging() -> None:
     # Library deprecation notices are for fedtune's developers, not for the people reading pod logs.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    level = os.environ.get("FEDTUNE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
 
 
 @app.command()
@@ -136,6 +138,46 @@ def client(
 
     metrics.serve(metrics_port)
     Client(open_store(run_root), name, run=(namespace, run_name)).run()
+
+
+@app.command()
+def crd() -> None:
+    """Print the FederatedFineTune CustomResourceDefinition (what crds/ holds)."""
+    from fedtune.api.crd import crd_yaml
+
+    typer.echo(crd_yaml(), nl=False)
+
+
+@app.command()
+@friendly
+def operator(
+    namespace: Annotated[
+        list[str] | None, typer.Option("--namespace", "-n", help="Watch these namespaces (default: all).")
+    ] = None,
+    priority: Annotated[int, typer.Option(help="Peering priority; the highest-priority replica acts.")] = 0,
+    peering: Annotated[str, typer.Option(help="Peering object shared by the replicas of one operator.")] = "fedtune",
+    standalone: Annotated[bool, typer.Option(help="No peering: for a single replica.")] = False,
+    metrics_port: MetricsPort = 0,
+) -> None:
+    """Run the operator: reconcile FederatedFineTune resources into Jobs (the operator pod's command)."""
+    _logging()
+    import kopf
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    os.environ["FEDTUNE_METRICS_PORT"] = str(metrics_port)
+    import fedtune.controller.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        clusterwide=not namespace,
+        namespaces=namespace or (),
+        standalone=standalone,
+        priority=None if standalone else priority,
+        peering_name=None if standalone else peering,
+    )
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ Labels stay low-cardinality: run name, namespace, client; never a round number.
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RUN = ("namespace", "name")
@@ -25,10 +27,16 @@ EVAL_LOSS = Gauge("fedtune_eval_loss", "Example-weighted eval loss of the latest
 TRAIN_LOSS = Gauge("fedtune_train_loss", "Example-weighted training loss of the latest round.", RUN)
 EPSILON = Gauge("fedtune_dp_epsilon", "Differential-privacy epsilon spent so far.", RUN)
 CLIENT_TRAIN_LOSS = Gauge("fedtune_client_train_loss", "A client's training loss in its latest round.", CLIENT)
+RUN_CONDITION = Gauge("fedtune_run_condition", "1 for the state a run is in, 0 for the others.", (*RUN, "state"))
+RUN_INFO = Gauge("fedtune_run_info", "Static facts about a run (always 1).", (*RUN, "strategy", "clients"))
 CLIENT_STEPS = Counter("fedtune_client_steps_total", "Local optimizer steps a client has taken.", CLIENT)
 
 
 def serve(port: int | None) -> None:
-    """Expose /metrics on port (0 or None: not served)."""
-    if port:
+    """Expose /metrics on port (0 or None: not served). A taken port costs the metrics, not the run."""
+    if not port:
+        return
+    try:
         start_http_server(port)
+    except OSError as e:
+        logging.getLogger("fedtune.metrics").warning("metrics not served on port %d: %s", port, e.strerror)

@@ -45,6 +45,7 @@ class S3Store(ObjectStore):
         region: str | None = None,
         retry_seconds: float | None = None,
         client: Any = None,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         self.bucket, self.prefix = bucket, prefix.strip("/")
         super().__init__(f"s3://{join(bucket, self.prefix)}")
@@ -53,7 +54,9 @@ class S3Store(ObjectStore):
         if retry_seconds is None:
             retry_seconds = float(os.environ.get("FEDTUNE_STORAGE_RETRY_SECONDS", "120"))
         self.retry_seconds = retry_seconds
-        self._client = client or boto3.session.Session().client(
+        key_id, secret = credentials or (None, None)
+        session = boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret)
+        self._client = client or session.client(
             "s3",
             endpoint_url=self.endpoint,
             region_name=self.region,

@@ -13,9 +13,17 @@ SCHEMES = ("file", "memory", "s3")
 
 
 def open_store(
-    uri: str, *, endpoint: str | None = None, region: str | None = None, base_dir: Path | None = None
+    uri: str,
+    *,
+    endpoint: str | None = None,
+    region: str | None = None,
+    base_dir: Path | None = None,
+    credentials: tuple[str, str] | None = None,
 ) -> ObjectStore:
-    """A store rooted at uri. Plain and relative paths are local folders (relative to base_dir)."""
+    """A store rooted at uri. Plain and relative paths are local folders (relative to base_dir).
+
+    `credentials` (access key, secret) override the environment, for the operator reading a Secret.
+    """
     parsed = urlparse(uri)
     scheme = parsed.scheme or "file"
     if scheme == "file":
@@ -31,7 +39,7 @@ def open_store(
             raise StorageError(f"{uri}: an s3:// URL needs a bucket (s3://bucket/prefix)")
         from fedtune.storage.s3 import S3Store
 
-        return S3Store(parsed.netloc, parsed.path, endpoint=endpoint, region=region)
+        return S3Store(parsed.netloc, parsed.path, endpoint=endpoint, region=region, credentials=credentials)
     raise StorageError(f"{uri}: unsupported storage scheme {scheme!r} (supported: {', '.join(SCHEMES)})")
 
 

@@ -1,0 +1,134 @@
+"""Operator tests: the CRDs installed once, an operator process per test, helpers to wait on runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from fedtune.api import API_GROUP, API_VERSION, PLURAL
+from tests.cluster.harness.cluster import BUCKET, Cluster
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> Cluster:
+    cluster.kubectl("apply", "-f", str(REPO / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def example_data(cluster: Cluster) -> str:
+    """The quickstart's data in the test bucket, where examples/cluster/quickstart.yaml expects it."""
+    assert cluster.s3 is not None
+    s3 = cluster.s3.client()
+    s3.head_bucket(Bucket=BUCKET)
+    for f in sorted((REPO / "examples" / "data").glob("*.jsonl")):
+        s3.put_object(Bucket=BUCKET, Key=f"data/{f.name}", Body=f.read_bytes())
+    return BUCKET
+
+
+class Operator:
+    """`fedtune operator` as a process, the way its pod runs it."""
+
+    def __init__(self, cluster: Cluster, namespace: str, log: Path) -> None:
+        self.cluster, self.namespace, self.log = cluster, namespace, log
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *extra: str) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.cluster.kubeconfig),
+            "FEDTUNE_RECONCILE_SECONDS": "1",
+            "FEDTUNE_LOG_LEVEL": os.environ.get("FEDTUNE_LOG_LEVEL", "INFO"),
+        }
+        args = extra or ("--standalone",)
+        with self.log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedtune", "operator", "-n", self.namespace, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture
+def operator(crds: Cluster, namespace: str, tmp_path: Path) -> Iterator[Operator]:
+    op = Operator(crds, namespace, tmp_path / "operator.log")
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+class Runs:
+    """FederatedFineTune objects in one namespace."""
+
+    def __init__(self, cluster: Cluster, namespace: str) -> None:
+        self.cluster, self.namespace = cluster, namespace
+        self.api = client.CustomObjectsApi(cluster.api_client())
+
+    def create(self, doc: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = self.api.create_namespaced_custom_object(
+            API_GROUP, API_VERSION, self.namespace, PLURAL, doc
+        )
+        return body
+
+    def get(self, name: str) -> dict[str, Any]:
+        body: dict[str, Any] = self.api.get_namespaced_custom_object(
+            API_GROUP, API_VERSION, self.namespace, PLURAL, name
+        )
+        return body
+
+    def patch(self, name: str, patch: dict[str, Any]) -> None:
+        self.api.patch_namespaced_custom_object(API_GROUP, API_VERSION, self.namespace, PLURAL, name, patch)
+
+    def wait(self, name: str, check: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            last = self.get(name)
+            if check(last.get("status") or {}):
+                return last
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}; status: {yaml.safe_dump(last.get('status'))}")
+
+    def wait_state(self, name: str, state: str, timeout: float = 400) -> dict[str, Any]:
+        return self.wait(name, lambda s: s.get("state") == state, timeout, f"{name} to be {state}")
+
+
+@pytest.fixture
+def runs(crds: Cluster, namespace: str) -> Runs:
+    return Runs(crds, namespace)
+
+
+def quickstart(**spec_overrides: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((REPO / "examples" / "cluster" / "quickstart.yaml").read_text())
+    for key, value in spec_overrides.items():
+        if isinstance(value, dict) and isinstance(doc["spec"].get(key), dict):
+            doc["spec"][key] = {**doc["spec"][key], **value}
+        else:
+            doc["spec"][key] = value
+    return doc
