@@ -278,7 +278,8 @@ class StorageSpec(SpecModel):
     secret_ref: str | None = Field(
         None,
         max_length=253,
-        description="Secret whose keys become the pods' environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optionally AWS_ENDPOINT_URL.",
+        description="Secret whose keys become the pods' environment: AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, optionally AWS_ENDPOINT_URL.",
     )
     keep: bool = Field(True, description="Keep the run's objects when the resource is deleted.")
 
