@@ -1,0 +1,186 @@
+"""Child objects of a run: names that fit, ownership, restricted pods, placement, secrets, queues."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from fedtune.api import parse_resource
+from fedtune.controller import builders
+from tests.unit.runs import UID, run
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+QUEUE = "kueue.x-k8s.io/queue-name"
+
+
+def jobs(res: Any) -> list[dict[str, Any]]:
+    return [m for m in builders.children(res) if m["kind"] == "Job"]
+
+
+def containers(res: Any) -> Iterator[dict[str, Any]]:
+    for job in jobs(res):
+        yield from job["spec"]["template"]["spec"]["containers"]
+
+
+def client_job(res: Any, client: str) -> dict[str, Any]:
+    return builders.client_job(res, res.spec.client(client))
+
+
+def test_short_names_are_kept_as_they_are() -> None:
+    res = run()
+    names = [m["metadata"]["name"] for m in builders.children(res)]
+    assert names == [
+        "quickstart-spec",
+        "quickstart-metrics",
+        "quickstart-aggregator",
+        "quickstart-client-clinic",
+        "quickstart-client-bank",
+        "quickstart-client-devops",
+    ]
+
+
+def test_long_names_are_hashed_to_63_characters_and_stay_distinct() -> None:
+    """A 63-character run with 40-character clients still yields valid, unique, stable Job names."""
+    long_run = "r" * 63
+    clients = [{"name": "c" * 39 + s, "data": {"uri": f"s3://fedtune/{s}.jsonl"}} for s in "ab"]
+    res = run(name=long_run, clients=clients)
+    names = [m["metadata"]["name"] for m in builders.children(res)]
+    assert all(len(n) <= 63 and DNS_LABEL.match(n) for n in names), names
+    assert len(set(names)) == len(names)
+    assert names == [m["metadata"]["name"] for m in builders.children(run(name=long_run, clients=clients))]
+    assert builders.child_name(long_run, "x") != builders.child_name(long_run, "y")
+
+
+def test_every_child_is_owned_by_the_run_and_labelled() -> None:
+    res = run()
+    for m in builders.children(res):
+        meta = m["metadata"]
+        assert meta["namespace"] == "team-a"
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "fedtune.io/v1alpha1",
+                "kind": "FederatedFineTune",
+                "name": "quickstart",
+                "uid": UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert meta["labels"][builders.RUN_LABEL] == "quickstart"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "fedtune-operator"
+    bank = client_job(res, "bank")
+    assert bank["metadata"]["labels"][builders.CLIENT_LABEL] == "bank"
+    assert bank["spec"]["template"]["metadata"]["labels"] == bank["metadata"]["labels"]
+    assert builders.CLIENT_LABEL not in builders.aggregator_job(res)["metadata"]["labels"]
+
+
+def test_pods_meet_the_restricted_pod_security_standard() -> None:
+    for job in jobs(run()):
+        pod = job["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+        assert all(set(v) - {"name"} <= {"emptyDir", "configMap"} for v in pod["volumes"]), pod["volumes"]
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert sc["readOnlyRootFilesystem"] is True
+            assert not sc.get("privileged")
+            assert not any("hostPort" in p for p in c.get("ports", []))
+
+
+def test_gpus_are_requested_and_limited_equally() -> None:
+    clients = [
+        {"name": "big", "data": {"uri": "s3://b/x.jsonl"}, "resources": {"gpus": 4, "cpu": "8", "memory": "64Gi"}},
+        {"name": "cpu", "data": {"uri": "s3://b/y.jsonl"}},
+    ]
+    res = run(clients=clients, aggregation={"minClients": 1})
+    big = client_job(res, "big")["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert big["limits"] == big["requests"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "4"}
+    cpu = client_job(res, "cpu")["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in cpu["limits"] and "nvidia.com/gpu" not in cpu["requests"]
+    assert builders.requested_gpus(res) == 4
+
+
+def test_node_selector_tolerations_and_affinity_are_passed_through() -> None:
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "gpu.model", "operator": "In", "values": ["a100", "h100"]}]}
+                ]
+            }
+        }
+    }
+    clients = [
+        {
+            "name": "clinic",
+            "data": {"uri": "s3://b/c.jsonl"},
+            "nodeSelector": {"fedtune.io/pool": "gpu-a100", "zone": "eu-1"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": affinity,
+        }
+    ]
+    pod = client_job(run(clients=clients, aggregation={"minClients": 1}), "clinic")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"fedtune.io/pool": "gpu-a100", "zone": "eu-1"}
+    assert pod["affinity"] == affinity
+    assert pod["tolerations"][0] == {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    # Pods leave a dead node quickly so the client is rescheduled within the round.
+    evict = {t["key"]: t for t in pod["tolerations"][1:]}
+    assert set(evict) == {"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"}
+    assert all(t["tolerationSeconds"] == builders.NOT_READY_TOLERATION_SECONDS for t in evict.values())
+
+    bare = builders.aggregator_job(run(aggregator={}))["spec"]["template"]["spec"]
+    assert "nodeSelector" not in bare and "affinity" not in bare
+
+
+def test_the_storage_secret_is_only_referenced_through_env_from() -> None:
+    res = run()
+    for c in containers(res):
+        assert c["envFrom"] == [{"secretRef": {"name": "fedtune-s3"}}]
+        assert not any(e["name"].startswith("AWS_ACCESS") or "valueFrom" in e for e in c["env"])
+    for m in builders.children(res):
+        assert m["kind"] != "Secret"
+        assert "secret" not in json.dumps(m.get("spec", {}).get("template", {})).replace("secretRef", "")
+    no_secret = run(storage={"uri": "s3://fedtune/runs"})
+    assert all("envFrom" not in c for c in containers(no_secret))
+
+
+def test_kueue_queue_label_reaches_jobs_and_pods() -> None:
+    res = run(labels={QUEUE: "gpu-queue", "team": "ml"})
+    for job in jobs(res):
+        assert job["metadata"]["labels"][QUEUE] == "gpu-queue"
+        assert job["spec"]["template"]["metadata"]["labels"][QUEUE] == "gpu-queue"
+        assert "team" not in job["metadata"]["labels"]
+    assert all(QUEUE not in job["metadata"]["labels"] for job in jobs(run()))
+
+
+def test_spec_config_map_round_trips_and_the_aggregator_reads_it() -> None:
+    res = run()
+    cm = builders.spec_config_map(res)
+    doc = json.loads(cm["data"][builders.SPEC_FILE])
+    assert parse_resource(doc).spec == res.spec
+    pod = builders.aggregator_job(res)["spec"]["template"]["spec"]
+    mounted = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {"name": "spec", "configMap": {"name": cm["metadata"]["name"]}} in pod["volumes"]
+    assert pod["containers"][0]["args"] == ["--spec", f"{mounted['spec']}/{builders.SPEC_FILE}"]
+
+
+def test_metrics_service_selects_the_aggregator_pod_only() -> None:
+    res = run()
+    selector = builders.metrics_service(res)["spec"]["selector"].items()
+    assert selector <= builders.aggregator_job(res)["spec"]["template"]["metadata"]["labels"].items()
+    assert not selector <= client_job(res, "bank")["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_pods_find_their_run_in_storage() -> None:
+    res = run()
+    env = {e["name"]: e.get("value") for e in next(containers(res))["env"]}
+    assert env["FEDTUNE_RUN_ROOT"] == f"s3://fedtune/runs/team-a/quickstart-{UID}"
+    assert env["FEDTUNE_NAMESPACE"] == "team-a"
+    assert client_job(res, "devops")["spec"]["template"]["spec"]["containers"][0]["args"] == ["--name", "devops"]
