@@ -132,3 +132,66 @@ def quickstart(**spec_overrides: Any) -> dict[str, Any]:
         else:
             doc["spec"][key] = value
     return doc
+
+
+@pytest.fixture(scope="session")
+def tiny_data(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny federation's data in the test bucket under tiny/."""
+    from tests.federation.conftest import write_data
+
+    assert cluster.s3 is not None
+    folder = tmp_path_factory.mktemp("tiny-data")
+    write_data(folder)
+    s3 = cluster.s3.client()
+    for f in sorted(folder.glob("*.jsonl")):
+        s3.put_object(Bucket=BUCKET, Key=f"tiny/{f.name}", Body=f.read_bytes())
+    return BUCKET
+
+
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+POOLS = {"alpha": "gpu-a100", "beta": "gpu-a100", "gamma": "gpu-h100"}
+
+
+def tiny_run(name: str, **overrides: Any) -> dict[str, Any]:
+    """The tiny federation as a resource: clients on two GPU pools, rounds in the test bucket."""
+    from tests.federation.conftest import tiny_resource
+
+    doc = tiny_resource(Path("/unused"), **overrides)
+    doc["metadata"]["name"] = name
+    spec = doc["spec"]
+    spec["storage"] = {"uri": f"s3://{BUCKET}/runs", "secretRef": "fedtune-s3", **overrides.get("storage", {})}
+    spec.setdefault("backoffLimit", 2)
+    spec["aggregator"] = {"nodeSelector": {"fedtune.io/pool": "cpu"}, "resources": {"cpu": "1", "memory": "2Gi"}}
+    if "clients" not in overrides:
+        spec["clients"] = [
+            {
+                "name": client,
+                "data": {"uri": f"s3://{BUCKET}/tiny/{client}.jsonl"},
+                "nodeSelector": {"fedtune.io/pool": pool},
+                "tolerations": [GPU_TOLERATION],
+                "resources": {"gpus": 1, "cpu": "1", "memory": "2Gi"},
+            }
+            for client, pool in POOLS.items()
+        ]
+    return doc
+
+
+def run_store(cluster: Cluster, status: dict[str, Any]) -> Any:
+    """The run's root in the test bucket, read as the operator reads it."""
+    from fedtune.storage import open_store
+
+    assert cluster.s3 is not None
+    return open_store(
+        status["runRoot"], endpoint=cluster.s3.endpoint, credentials=(cluster.s3.access_key, cluster.s3.secret_key)
+    )
+
+
+def running_pod(cluster: Cluster, namespace: str, selector: str, timeout: float = 120) -> str:
+    """The name of a Running pod matching the label selector."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pod in cluster.core().list_namespaced_pod(namespace, label_selector=selector).items:
+            if pod.status.phase == "Running" and pod.metadata.deletion_timestamp is None:
+                return str(pod.metadata.name)
+        time.sleep(0.3)
+    raise AssertionError(f"no Running pod for {selector}")

@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from fedtune import metrics
 from fedtune.api import API_GROUP, API_VERSION, PLURAL, SpecError, parse_resource
 from fedtune.controller import status as st
-from fedtune.controller.reconcile import Kube, reconcile
+from fedtune.controller.reconcile import Kube, forget, reconcile
 
 log = logging.getLogger("fedtune.operator")
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
@@ -96,6 +96,15 @@ def _step(body: kopf.Body, patch: kopf.Patch) -> None:
     ).set(1)
 
 
+def _resource(body: kopf.Body) -> dict[str, Any]:
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "metadata": dict(body["metadata"]),
+        "spec": dict(body["spec"]),
+    }
+
+
 def _expired(ttl: int | None, old: dict[str, Any]) -> bool:
     done = old.get("completionTime")
     if ttl is None or not done:
@@ -122,3 +131,15 @@ def tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         if e.status == 404:
             return
         raise kopf.TemporaryError(f"API error {e.status}: {e.reason}", delay=TICK_SECONDS) from None
+
+
+def _discard_storage(spec: kopf.Spec, **_: Any) -> bool:
+    return not bool((spec.get("storage") or {}).get("keep", True))
+
+
+@kopf.on.delete(*RESOURCE, when=_discard_storage)
+def delete_storage(body: kopf.Body, **_: Any) -> None:
+    """Children go with the resource (ownerReferences); its storage only when the spec says so."""
+    res = parse_resource(_resource(body))
+    removed = forget(kube(), res)
+    log.info("deleted %d objects of %s/%s from storage", removed, res.metadata.namespace, res.metadata.name)

@@ -18,7 +18,7 @@ from fedtune.controller import builders
 from fedtune.controller.status import TERMINAL, Observed, Progress
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
-from fedtune.storage import open_store
+from fedtune.storage import ObjectStore, open_store
 
 log = logging.getLogger("fedtune.operator")
 
@@ -78,18 +78,32 @@ class Kube:
         return {k: base64.b64decode(v).decode() for k, v in (s.data or {}).items()}
 
 
-def read_progress(res: FederatedFineTune, secret: dict[str, str] | None) -> Progress:
-    """The run's committed rounds, last summary and final summary, read from its store."""
+def run_store(res: FederatedFineTune, secret: dict[str, str] | None) -> ObjectStore:
+    """The run's root in storage, reached with the credentials of the run's Secret."""
     storage = res.spec.storage
     creds = None
     if secret and "AWS_ACCESS_KEY_ID" in secret and "AWS_SECRET_ACCESS_KEY" in secret:
         creds = (secret["AWS_ACCESS_KEY_ID"], secret["AWS_SECRET_ACCESS_KEY"])
     endpoint = storage.endpoint or (secret or {}).get("AWS_ENDPOINT_URL")
-    store = open_store(builders.run_root(res), endpoint=endpoint, region=storage.region, credentials=creds)
+    return open_store(builders.run_root(res), endpoint=endpoint, region=storage.region, credentials=creds)
+
+
+def read_progress(store: ObjectStore) -> Progress:
+    """The run's committed rounds, last summary and final summary."""
     committed = p.latest_global(store)
     final = p.read_record(store, p.FINAL_SUMMARY, p.FinalSummary)
     last = p.read_record(store, p.summary(committed - 1), p.RoundSummary) if committed else None
     return Progress(committed=committed, final=final, last=last)
+
+
+def forget(kube: Kube, res: FederatedFineTune) -> int:
+    """Delete every object under the run's root (spec.storage.keep: false); returns how many."""
+    secret = kube.secret(res.metadata.namespace, res.spec.storage.secret_ref) if res.spec.storage.secret_ref else None
+    store = run_store(res, secret)
+    keys = store.list()
+    for key in keys:
+        store.delete(key)
+    return len(keys)
 
 
 def reconcile(kube: Kube, res: FederatedFineTune, generation: int, old_status: Obj) -> Observed:
@@ -114,7 +128,7 @@ def reconcile(kube: Kube, res: FederatedFineTune, generation: int, old_status: O
             )
 
     try:
-        observed.progress = read_progress(res, secret)
+        observed.progress = read_progress(run_store(res, secret))
     except FedtuneError as e:
         observed.storage_error = str(e)
 
