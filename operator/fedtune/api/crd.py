@@ -19,10 +19,12 @@ CATEGORIES = ["fedtune"]
 # Cross-field rules on spec (CEL); the same checks run in pydantic for `fedtune validate`.
 SPEC_RULES = [
     {
+        # No FieldValueDuplicate reason: the API server would print "Duplicate value" and drop the message.
         "rule": "self.clients.all(c, self.clients.exists_one(d, d.name == c.name))",
         "message": "client names must be unique",
+        "messageExpression": "'duplicate client name \"' + self.clients.map(c, c.name)"
+        ".filter(n, self.clients.filter(d, d.name == n).size() > 1)[0] + '\"'",
         "fieldPath": ".clients",
-        "reason": "FieldValueDuplicate",
     },
     {
         "rule": "!has(self.aggregation) || !has(self.aggregation.minClients) || "
@@ -144,6 +146,10 @@ def spec_schema() -> dict[str, Any]:
             {"rule": "self == oldSelf", "message": f"spec.{field} cannot change once the run exists"}
         )
     props["model"]["x-kubernetes-validations"] = MODEL_RULES + props["model"]["x-kubernetes-validations"]
+    # Pods on a cluster share no folder, so the local default store would split the run: name one.
+    schema["required"] = [*schema["required"], "storage"]
+    props["storage"]["required"] = ["uri"]
+    del props["storage"]["properties"]["uri"]["default"]
     return schema
 
 
