@@ -23,6 +23,8 @@ from fedtune.storage import ObjectStore, open_store
 log = logging.getLogger("fedtune.operator")
 
 Obj = dict[str, Any]
+# The operator only reads status from storage: a short retry keeps one slow bucket from stalling a tick.
+STORAGE_RETRY_SECONDS = 5.0
 
 
 class Kube:
@@ -85,7 +87,13 @@ def run_store(res: FederatedFineTune, secret: dict[str, str] | None) -> ObjectSt
     if secret and "AWS_ACCESS_KEY_ID" in secret and "AWS_SECRET_ACCESS_KEY" in secret:
         creds = (secret["AWS_ACCESS_KEY_ID"], secret["AWS_SECRET_ACCESS_KEY"])
     endpoint = storage.endpoint or (secret or {}).get("AWS_ENDPOINT_URL")
-    return open_store(builders.run_root(res), endpoint=endpoint, region=storage.region, credentials=creds)
+    return open_store(
+        builders.run_root(res),
+        endpoint=endpoint,
+        region=storage.region,
+        credentials=creds,
+        retry_seconds=STORAGE_RETRY_SECONDS,
+    )
 
 
 def read_progress(store: ObjectStore) -> Progress:
@@ -131,6 +139,10 @@ def reconcile(kube: Kube, res: FederatedFineTune, generation: int, old_status: O
         observed.progress = read_progress(run_store(res, secret))
     except FedtuneError as e:
         observed.storage_error = str(e)
+    observed.jobs = kube.jobs(ns, name)
+    if observed.storage_error and not observed.jobs and observed.blocked is None:
+        # Pods that cannot reach their bucket would only crash-loop: wait for storage instead.
+        observed.blocked = ("StorageUnreachable", observed.storage_error)
 
     finished = old_status.get("state") in TERMINAL or observed.progress.final is not None
     if spec.suspend or (finished and observed.progress.final is None):

@@ -19,10 +19,12 @@ def open_store(
     region: str | None = None,
     base_dir: Path | None = None,
     credentials: tuple[str, str] | None = None,
+    retry_seconds: float | None = None,
 ) -> ObjectStore:
     """A store rooted at uri. Plain and relative paths are local folders (relative to base_dir).
 
-    `credentials` (access key, secret) override the environment, for the operator reading a Secret.
+    `credentials` (access key, secret) override the environment, for the operator reading a Secret;
+    `retry_seconds` bounds how long transient S3 errors are retried.
     """
     parsed = urlparse(uri)
     scheme = parsed.scheme or "file"
@@ -39,7 +41,14 @@ def open_store(
             raise StorageError(f"{uri}: an s3:// URL needs a bucket (s3://bucket/prefix)")
         from fedtune.storage.s3 import S3Store
 
-        return S3Store(parsed.netloc, parsed.path, endpoint=endpoint, region=region, credentials=credentials)
+        return S3Store(
+            parsed.netloc,
+            parsed.path,
+            endpoint=endpoint,
+            region=region,
+            credentials=credentials,
+            retry_seconds=retry_seconds,
+        )
     raise StorageError(f"{uri}: unsupported storage scheme {scheme!r} (supported: {', '.join(SCHEMES)})")
 
 
