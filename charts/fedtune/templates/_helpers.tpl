@@ -1,0 +1,64 @@
+{{- define "fedtune.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fedtune.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "fedtune.labels" -}}
+{{ include "fedtune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "fedtune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "fedtune.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is needed when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fedtune.peeringName" -}}
+{{- default (include "fedtune.fullname" .) .Values.peeringName -}}
+{{- end -}}
+
+{{- define "fedtune.namespaced" -}}
+{{- if eq .Values.rbac.scope "namespaced" }}true{{ end -}}
+{{- end -}}
+
+{{/* The rules on namespaced resources, shared by the ClusterRole and the Role. */}}
+{{- define "fedtune.namespacedRules" -}}
+- apiGroups: [fedtune.io]
+  resources: [federatedfinetunes]
+  verbs: [get, list, watch, patch, delete]
+- apiGroups: [fedtune.io]
+  resources: [federatedfinetunes/status]
+  verbs: [patch]
+- apiGroups: [fedtune.io]
+  resources: [federatedfinetunes/finalizers]
+  verbs: [update]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [create, get, list, watch, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [configmaps, services]
+  verbs: [create, get]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}

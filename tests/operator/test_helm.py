@@ -1,0 +1,288 @@
+"""The Helm chart: lints, renders valid objects in both RBAC scopes, grants only what the operator uses,
+monitors only metrics that exist, and installs into the test cluster under restricted Pod Security."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+from prometheus_client.metrics import MetricWrapperBase
+
+from fedtune import metrics
+from tests.cluster.harness import build
+from tests.cluster.harness.cluster import Cluster
+
+pytestmark = pytest.mark.cluster
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "fedtune"
+NAMESPACED = ("--set", "rbac.scope=namespaced")
+MONITORING = (
+    "--set",
+    "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+    "--set",
+    "grafana.dashboards.enabled=true",
+    "--set-json",
+    'metrics.serviceMonitor.additionalLabels={"release":"kps"}',
+    "--set-json",
+    'metrics.podMonitor.additionalLabels={"release":"kps"}',
+    "--set-json",
+    'metrics.prometheusRule.additionalLabels={"release":"kps"}',
+)
+# Every rule the operator needs, and nothing more: (apiGroup, resource) -> verbs.
+NAMESPACED_RULES = {
+    ("fedtune.io", "federatedfinetunes"): {"get", "list", "watch", "patch", "delete"},
+    ("fedtune.io", "federatedfinetunes/status"): {"patch"},
+    ("fedtune.io", "federatedfinetunes/finalizers"): {"update"},
+    ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "configmaps"): {"create", "get"},
+    ("", "services"): {"create", "get"},
+    ("", "secrets"): {"get"},
+    ("", "events"): {"create", "patch"},
+}
+CLUSTER_READS = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+    ("", "namespaces"): {"list", "watch"},
+}
+PEERING_VERBS = {"get", "list", "watch", "patch"}
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    path = build.binaries()["helm"]
+    if not path.is_file():
+        pytest.skip("helm not built: run `make cluster-deps`")
+    return subprocess.run([str(path), *args], capture_output=True, text=True, check=check, timeout=120)
+
+
+def render(*args: str) -> list[dict[str, Any]]:
+    out = helm("template", "ft", str(CHART), "--namespace", "fedtune-system", *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind} objects"
+    return found[0]
+
+
+def grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs; a resource granted by two rules is a failure."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert (group, resource) not in out, f"{group}/{resource} granted twice"
+                out[(group, resource)] = set(rule["verbs"])
+    return out
+
+
+def args(deployment: dict[str, Any]) -> list[str]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["fedtune", "operator"]
+    return list(container["args"])
+
+
+def known_metrics() -> dict[str, str]:
+    """Series name -> metric family, for what fedtune exports (counters as _total, histograms in three)."""
+    names: dict[str, str] = {}
+    for value in vars(metrics).values():
+        if not isinstance(value, MetricWrapperBase):
+            continue
+        for family in value.describe():
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+            names.update({family.name + s: family.name for s in suffixes})
+    return names
+
+
+def used_metrics(text: str) -> set[str]:
+    return set(re.findall(r"\bfedtune_[a-z0-9_]+", text))
+
+
+@pytest.mark.parametrize(
+    "values", [(), NAMESPACED, ("--set", "replicas=3"), MONITORING], ids=["default", "namespaced", "ha", "monitoring"]
+)
+def test_chart_lints(values: tuple[str, ...]) -> None:
+    done = helm("lint", "--strict", str(CHART), *values, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_default_values_render_a_cluster_wide_standalone_operator() -> None:
+    docs = render()
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "Service", "Deployment"]
+    )
+    deployment = one(docs, "Deployment")
+    assert args(deployment) == ["--standalone", "--metrics-port=8080"]
+    assert (
+        deployment["spec"]["template"]["spec"]["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    )
+    role = one(docs, "ClusterRole")
+    assert grants(role) == {**NAMESPACED_RULES, **CLUSTER_READS, ("kopf.dev", "clusterkopfpeerings"): PEERING_VERBS}
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ft-fedtune", "namespace": "fedtune-system"}]
+    service = one(docs, "Service")
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+
+
+def test_namespaced_scope_uses_a_role_and_watches_only_its_namespace() -> None:
+    docs = render(*NAMESPACED)
+    assert args(one(docs, "Deployment")) == ["--standalone", "--metrics-port=8080", "--namespace=fedtune-system"]
+    role = one(docs, "Role")
+    assert role["metadata"]["namespace"] == "fedtune-system"
+    assert grants(role) == {**NAMESPACED_RULES, ("kopf.dev", "kopfpeerings"): PEERING_VERBS}
+    assert one(docs, "RoleBinding")["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    # CRDs and namespaces are cluster-scoped: a small ClusterRole reads them, and nothing else.
+    assert grants(one(docs, "ClusterRole")) == CLUSTER_READS
+    peering = one(docs, "KopfPeering")
+    assert peering["metadata"]["namespace"] == "fedtune-system"
+
+
+def test_replicas_get_distinct_peering_priorities() -> None:
+    """Equal priorities would freeze every replica; each replica is a Deployment with its own."""
+    docs = render("--set", "replicas=3", "--set", "priority=50", "--set", "peeringName=fedtune-ha")
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert len(deployments) == 3 and all(d["spec"]["replicas"] == 1 for d in deployments)
+    all_args = [args(d) for d in deployments]
+    assert all("--standalone" not in a and "--peering=fedtune-ha" in a for a in all_args)
+    priorities = [next(x for x in a if x.startswith("--priority=")) for a in all_args]
+    assert priorities == ["--priority=50", "--priority=49", "--priority=48"]
+    assert len({d["metadata"]["name"] for d in deployments}) == 3
+    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "fedtune-ha"
+
+
+@pytest.mark.parametrize("values", [(), NAMESPACED], ids=["cluster", "namespaced"])
+def test_the_operator_pod_meets_restricted_pod_security(values: tuple[str, ...]) -> None:
+    pod = one(render(*values), "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in pod["containers"]:
+        assert c["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+    assert all(set(v) - {"name"} == {"emptyDir"} for v in pod["volumes"])
+
+
+def test_monitoring_objects_are_gated_and_labelled() -> None:
+    assert not {"ServiceMonitor", "PodMonitor", "PrometheusRule"} & {d["kind"] for d in render()}
+    docs = render(*MONITORING)
+    for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
+        assert one(docs, kind)["metadata"]["labels"]["release"] == "kps", kind
+    service_monitor = one(docs, "ServiceMonitor")
+    service = one(docs, "Service")
+    assert service_monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    pod_monitor = one(docs, "PodMonitor")
+    # The run pods the operator creates carry these labels (controller.builders.labels).
+    assert pod_monitor["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "fedtune",
+        "app.kubernetes.io/managed-by": "fedtune-operator",
+    }
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+def test_alert_rules_are_valid_and_use_real_metrics(tmp_path: Path) -> None:
+    rule = one(render(*MONITORING), "PrometheusRule")
+    exprs = " ".join(r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
+    used = used_metrics(exprs)
+    assert used and used <= set(known_metrics()), used - set(known_metrics())
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    done = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_grafana_dashboard_shows_fedtune_metrics() -> None:
+    cm = one(render(*MONITORING), "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (text,) = cm["data"].values()
+    dashboard = json.loads(text)
+    assert all(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    known, used = known_metrics(), used_metrics(text)
+    assert used <= set(known), used - set(known)
+    # Every metric family fedtune exports is on the dashboard.
+    assert {known[u] for u in used} == set(known.values())
+
+
+@pytest.mark.parametrize(
+    "bad", ["rbac.scope=everywhere", "replicas=0", "metrics.port=80", "image.pullPolicy=Sometimes"]
+)
+def test_values_schema_rejects_bad_values(bad: str) -> None:
+    done = helm("template", "ft", str(CHART), "--set", bad, check=False)
+    assert done.returncode != 0
+    assert bad.split("=")[0].split(".")[-1] in done.stderr, done.stderr
+
+
+def test_helm_install_creates_working_rbac_and_restricted_pods(crds: Cluster) -> None:
+    """Installed after the crds fixture (--skip-crds) into a namespace that enforces restricted Pod Security.
+
+    The node agent cannot run the operator image, so the pod is kept unscheduled: that it exists at all
+    shows admission accepted it.
+    """
+    ns = f"helm-{secrets.token_hex(3)}"
+    core = crds.core()
+    enforce = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/warn": "restricted"}
+    core.create_namespace({"metadata": {"name": ns, "labels": enforce}})
+    kube = ("--kubeconfig", str(crds.kubeconfig), "--namespace", ns)
+    try:
+        done = helm(
+            "install", "ft", str(CHART), *kube, "--skip-crds", *NAMESPACED,
+            "--set", "grafana.dashboards.enabled=true",
+            "--set-json", 'nodeSelector={"fedtune.io/pool":"nowhere"}',
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "violate" not in done.stderr, done.stderr
+
+        for kind in ("deployment", "serviceaccount", "role", "rolebinding", "service", "kopfpeering", "configmap"):
+            out = crds.kubectl("get", kind, "-n", ns, "-l", "app.kubernetes.io/instance=ft", "-o", "name").stdout
+            assert out.strip(), f"no {kind} installed"
+
+        deadline = time.monotonic() + 60
+        pods: list[Any] = []
+        while not pods and time.monotonic() < deadline:
+            pods = core.list_namespaced_pod(ns, label_selector="app.kubernetes.io/component=operator").items
+            if not pods:
+                time.sleep(0.5)
+        assert pods, "the operator Deployment created no pod: " + crds.kubectl("describe", "rs", "-n", ns).stdout
+
+        sa = f"system:serviceaccount:{ns}:ft-fedtune"
+        for verb, resource, allowed in [
+            ("patch", "federatedfinetunes.fedtune.io --subresource=status", "yes"),
+            ("update", "federatedfinetunes.fedtune.io --subresource=finalizers", "yes"),
+            ("update", "federatedfinetunes.fedtune.io --subresource=status", "no"),
+            ("patch", "federatedfinetunes.fedtune.io", "yes"),
+            ("update", "federatedfinetunes.fedtune.io", "no"),
+            ("create", "jobs.batch", "yes"),
+            ("get", "secrets", "yes"),
+            ("list", "secrets", "no"),
+            ("create", "pods", "no"),
+            ("patch", "kopfpeerings.kopf.dev", "yes"),
+        ]:
+            ask = ("auth", "can-i", verb, *resource.split(), "-n", ns, f"--as={sa}")
+            got = crds.kubectl(*ask, check=False).stdout.strip()
+            assert got == allowed, f"{verb} {resource}: {got}"
+        elsewhere = crds.kubectl("auth", "can-i", "create", "jobs.batch", "-n", "default", f"--as={sa}", check=False)
+        assert elsewhere.stdout.strip() == "no"
+    finally:
+        helm("uninstall", "ft", *kube, check=False)
+        try:
+            core.delete_namespace(ns)
+        except ApiException as e:
+            if e.status != 404:
+                raise
