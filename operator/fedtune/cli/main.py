@@ -157,6 +157,9 @@ def operator(
     priority: Annotated[int, typer.Option(help="Peering priority; the highest-priority replica acts.")] = 0,
     peering: Annotated[str, typer.Option(help="Peering object shared by the replicas of one operator.")] = "fedtune",
     standalone: Annotated[bool, typer.Option(help="No peering: for a single replica.")] = False,
+    peering_lifetime: Annotated[
+        int, typer.Option(help="Seconds after which a silent replica counts as gone and another takes over.")
+    ] = 60,
     metrics_port: MetricsPort = 0,
 ) -> None:
     """Run the operator: reconcile FederatedFineTune resources into Jobs (the operator pod's command)."""
@@ -169,6 +172,7 @@ def operator(
     except config.ConfigException:
         config.load_kube_config()
     os.environ["FEDTUNE_METRICS_PORT"] = str(metrics_port)
+    os.environ["FEDTUNE_PEERING_LIFETIME"] = str(peering_lifetime)
     import fedtune.controller.handlers  # noqa: F401  (registers the handlers)
 
     kopf.run(

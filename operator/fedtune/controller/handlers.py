@@ -36,6 +36,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.connect_timeout = 30
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 8
+    settings.peering.lifetime = int(os.environ.get("FEDTUNE_PEERING_LIFETIME", "60"))
     metrics.serve(int(os.environ.get("FEDTUNE_METRICS_PORT", "0")))
 
 

@@ -1,0 +1,63 @@
+"""Two operator replicas (only one acts; the other takes over when it dies) and a failed node."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.operator.conftest import Operator, Runs, running_pod, tiny_run
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def test_only_one_replica_acts_and_the_other_takes_over(operator: Operator, runs: Runs, tiny_data: str) -> None:
+    ns = operator.namespace
+    runs.api.create_namespaced_custom_object(
+        "kopf.dev",
+        "v1",
+        ns,
+        "kopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "fedtune"}},
+    )
+    leader = operator.start("--priority", "100", "--peering-lifetime", "8")
+    first_log = operator.log.read_text()
+    standby_log = operator.log.with_name("standby.log")
+    operator.log = standby_log
+    standby = operator.start("--priority", "50", "--peering-lifetime", "8")
+
+    runs.create(tiny_run("ha", training={"localSteps": 12}, aggregation={"rounds": 3}))
+    runs.wait_state("ha", "Running", timeout=120)
+    assert "created Job" not in standby_log.read_text(), "the standby replica acted while the leader lived"
+    del first_log
+
+    leader.send_signal(signal.SIGKILL)
+    leader.wait()
+    done = runs.wait_state("ha", "Succeeded", timeout=400)
+    assert done["status"]["progress"] == "3/3"
+    assert standby.poll() is None
+    assert "Merge-patching the status" in standby_log.read_text() or "Succeeded" in str(done["status"])
+
+
+def test_a_client_on_a_failed_node_is_rescheduled_in_its_pool(operator: Operator, runs: Runs, tiny_data: str) -> None:
+    cluster, ns = operator.cluster, operator.namespace
+    operator.start()
+    runs.create(tiny_run("nodes", training={"localSteps": 12}, aggregation={"rounds": 3, "roundTimeoutSeconds": 300}))
+    pod = running_pod(cluster, ns, "fedtune.io/client=alpha")
+    node = cluster.core().read_namespaced_pod(pod, ns).spec.node_name
+    assert node.startswith("gpu-a100")
+    cluster.make_node_not_ready(node)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            pods = cluster.core().list_namespaced_pod(ns, label_selector="fedtune.io/client=alpha").items
+            moved = [p for p in pods if p.spec.node_name and p.spec.node_name != node and p.status.phase == "Running"]
+            if moved:
+                break
+            assert time.monotonic() < deadline, "alpha was not rescheduled off the failed node"
+            time.sleep(0.5)
+        assert moved[0].spec.node_name.startswith("gpu-a100")
+    finally:
+        cluster.make_node_ready(node)
+    runs.wait_state("nodes", "Succeeded", timeout=400)
