@@ -168,9 +168,8 @@ def compute(o: Observed) -> Obj:
         "aggregator": {"state": agg_state, "restarts": agg_failures},
         "runRoot": builders.run_root(res),
         # The deadline clock runs only while pods may run; a suspended run restarts it, as a Job does.
-        "startTime": None
-        if state in (SUSPENDED, PENDING) and not o.old.get("startTime")
-        else (None if state == SUSPENDED else o.old.get("startTime") or o.now.isoformat()),
+        # The deadline clock stops while suspended and starts afresh on resume, as a Job's does.
+        "startTime": None if state == SUSPENDED else o.old.get("startTime") or o.now.isoformat(),
         "conditions": [
             _condition(o, "Ready", ready, ready_reason, ready_msg),
             _condition(o, RUNNING, state == RUNNING, reason if state == RUNNING else "NotRunning", message),
