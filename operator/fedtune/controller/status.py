@@ -167,7 +167,6 @@ def compute(o: Observed) -> Obj:
         "clients": list(clients.values()),
         "aggregator": {"state": agg_state, "restarts": agg_failures},
         "runRoot": builders.run_root(res),
-        # The deadline clock runs only while pods may run; a suspended run restarts it, as a Job does.
         # The deadline clock stops while suspended and starts afresh on resume, as a Job's does.
         "startTime": None if state == SUSPENDED else o.old.get("startTime") or o.now.isoformat(),
         "conditions": [
