@@ -67,6 +67,10 @@ def start_operator() -> None:
     print(f"operator started (pid {proc.pid}, log {STATE / 'operator.log'})")
 
 
+def _without_age(row: str) -> str:
+    return row.rsplit(None, 1)[0] if row else ""
+
+
 def watch(name: str) -> str:
     """Print the resource's row whenever it changes, until it ends; returns its final state."""
     deadline = time.monotonic() + TIMEOUT_SECONDS
@@ -74,7 +78,7 @@ def watch(name: str) -> str:
     while time.monotonic() < deadline:
         table = kubectl("get", "fft", name, check=False)
         row = table.strip().splitlines()[-1] if table.strip() else ""
-        if row.rsplit(None, 1)[0] != last.rsplit(None, 1)[0] if row and last else row != last:
+        if _without_age(row) != _without_age(last):
             if not last:
                 print(table.strip().splitlines()[0])
             print(row, flush=True)
