@@ -49,7 +49,6 @@ class Operator:
         env = {
             **os.environ,
             "KUBECONFIG": str(self.cluster.kubeconfig),
-            "FEDTUNE_RECONCILE_SECONDS": "1",
             "FEDTUNE_LOG_LEVEL": os.environ.get("FEDTUNE_LOG_LEVEL", "INFO"),
         }
         args = extra or ("--standalone",)

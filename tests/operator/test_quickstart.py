@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedtune.api import parse_resource
+from fedtune.federation import protocol
 from tests.cluster.harness.cluster import Cluster
-from tests.operator.conftest import Operator, Runs, quickstart
+from tests.operator.conftest import Operator, Runs, quickstart, run_store
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -37,8 +39,15 @@ def test_quickstart_runs_to_success(operator: Operator, runs: Runs, example_data
         assert sc.allow_privilege_escalation is False and sc.capabilities.drop == ["ALL"]
         assert p.spec.security_context.run_as_non_root is True
 
-    # Status follows the rounds, then the run succeeds.
-    runs.wait(name, lambda s: s.get("completedRounds", 0) >= 1 and "lastRound" in s, 300, "round 1 in status")
+    # Status follows a round within 10 s of its commit, then the run succeeds.
+    store = run_store(cluster, running["status"])
+    deadline = time.monotonic() + 300
+    while not store.exists(protocol.global_marker(1)):
+        assert time.monotonic() < deadline, "round 0 never closed"
+        time.sleep(0.1)
+    committed_at = time.monotonic()
+    runs.wait(name, lambda s: s.get("completedRounds", 0) >= 1 and "lastRound" in s, 10, "round 1 in status")
+    assert time.monotonic() - committed_at <= 10
     done = runs.wait_state(name, "Succeeded", timeout=400)
     status = done["status"]
     assert status["progress"] == "3/3"
