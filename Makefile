@@ -30,15 +30,22 @@ lint: install
 test: install lint cluster-deps
 	$(PY) -m pytest -q
 
-bench: install
+# Flower is installed for the benchmark only, into its own folder inside the venv: the venv's packages
+# keep precedence, so fedtune runs against the versions it was installed with.
+BENCH_DEPS := $(VENV)/bench-deps
+bench: install $(BENCH_DEPS)/.flwr-1.42.0
 	$(PY) -m bench
+
+$(BENCH_DEPS)/.flwr-1.42.0:
+	$(PY) -m pip install -q --target $(BENCH_DEPS) flwr==1.42.0
+	@touch $@
 
 clean:
 	rm -rf $(VENV) fedtune-runs .mypy_cache .ruff_cache .pytest_cache
 
 # --- test cluster: etcd, kube-apiserver, controller-manager, scheduler, helm and an S3 server, built
 # from the Go module proxy and cached by version under ~/.cache/fedtune (a second run builds nothing).
-.PHONY: cluster-deps cluster-up cluster-down cluster-status
+.PHONY: cluster-deps cluster-up cluster-down cluster-status cluster-demo
 
 cluster-deps:
 	$(PYTHON) -m tests.cluster.harness deps
@@ -47,7 +54,12 @@ cluster-up: install cluster-deps
 	$(PY) -m tests.cluster.harness up
 
 cluster-down:
+	-@test -f .cluster/operator.pid && kill $$(cat .cluster/operator.pid) 2>/dev/null; rm -f .cluster/operator.pid
 	$(PYTHON) -m tests.cluster.harness down
+
+# The newcomer's path in one command: a cluster, the CRDs, the operator, the quickstart, a live view.
+cluster-demo: cluster-up
+	PATH=$(CURDIR)/.cluster/bin:$$PATH $(PY) examples/cluster/demo.py
 
 cluster-status:
 	$(PYTHON) -m tests.cluster.harness status

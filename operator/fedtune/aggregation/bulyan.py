@@ -39,6 +39,7 @@ def closest_to_median_mean(rows: list[torch.Tensor], drop: int) -> torch.Tensor:
 class Bulyan(Strategy):
     name = "bulyan"
 
+    @single_threaded()
     def aggregate(
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
     ) -> tuple[State, State]:

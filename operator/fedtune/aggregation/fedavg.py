@@ -53,6 +53,7 @@ class FedAvg(Strategy):
     name = "fedavg"
     mean_based = True
 
+    @single_threaded()
     def aggregate(
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
     ) -> tuple[State, State]:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from fedtune.aggregation.base import ClientUpdate, State, Strategy
 from fedtune.aggregation.fedavg import apply_delta, weighted_mean
+from fedtune.tensors import single_threaded
 
 PREFIX = "momentum/"
 
@@ -18,6 +19,7 @@ class FedAvgM(Strategy):
     name = "fedavgm"
     mean_based = True
 
+    @single_threaded()
     def aggregate(
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
     ) -> tuple[State, State]:

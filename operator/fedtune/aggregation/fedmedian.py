@@ -11,11 +11,13 @@ from collections.abc import Iterable
 from fedtune.aggregation.base import ClientUpdate, State, Strategy, collect
 from fedtune.aggregation.fedavg import apply_delta
 from fedtune.aggregation.order import median
+from fedtune.tensors import single_threaded
 
 
 class FedMedian(Strategy):
     name = "fedmedian"
 
+    @single_threaded()
     def aggregate(
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
     ) -> tuple[State, State]:

@@ -13,6 +13,7 @@ import torch
 from fedtune.aggregation.base import ClientUpdate, State, Strategy, collect
 from fedtune.aggregation.distances import krum_scores, squared_distances
 from fedtune.aggregation.fedavg import apply_delta, weighted_mean
+from fedtune.tensors import single_threaded
 
 
 class Krum(Strategy):
@@ -29,6 +30,7 @@ class Krum(Strategy):
         order = torch.sort(scores, stable=True).indices[: self.keep(len(ups))]
         return [ups[int(i)] for i in order]
 
+    @single_threaded()
     def aggregate(
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
     ) -> tuple[State, State]:

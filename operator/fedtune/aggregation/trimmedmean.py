@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from fedtune.aggregation.base import ClientUpdate, State, Strategy, collect
 from fedtune.aggregation.fedavg import apply_delta
 from fedtune.aggregation.order import trimmed_sum
+from fedtune.tensors import single_threaded
 
 
 def trim_count(n: int, fraction: float) -> int:
@@ -20,6 +21,7 @@ def trim_count(n: int, fraction: float) -> int:
 class TrimmedMean(Strategy):
     name = "trimmedmean"
 
+    @single_threaded()
     def aggregate(
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
     ) -> tuple[State, State]:
