@@ -16,7 +16,7 @@ from fedtune.aggregation.encoding import encode, load_state
 from fedtune.api import parse_resource
 from fedtune.federation import protocol as p
 from fedtune.federation.aggregator import Aggregator
-from fedtune.storage import open_store
+from fedtune.storage import ObjectStore, open_store
 from fedtune.training.model import adapter_state
 from tests.federation.conftest import tiny_resource, write_data
 
@@ -86,6 +86,21 @@ def test_unreachable_storage(tmp_path: Path, data: Path) -> None:
     assert "s3://bucket/runs/tiny" in line and "cannot reach the S3 server at http://127.0.0.1:9" in line
 
 
+def submit_update(store: ObjectStore, client: str, payload: bytes, stored: bytes | None = None) -> None:
+    """Commit an update for round 0 as a client would; `stored` differs from payload to tamper."""
+    store.put(p.update_data(0, client), payload if stored is None else stored)
+    marker = p.UpdateMarker(
+        client=client,
+        round=0,
+        sha256=p.sha256(payload),
+        examples=10,
+        steps=1,
+        bytes=len(payload),
+        metrics=p.ClientMetrics(train_loss=1.0, eval_loss=1.0, eval_examples=5),
+    )
+    store.put_if_absent(p.update_marker(0, client), p.dumps(marker))
+
+
 def test_tampered_or_broken_updates_are_rejected_and_never_averaged(data: Path) -> None:
     spec = parse_resource(tiny_resource(data, aggregation={"roundTimeoutSeconds": 60, "minClients": 1})).spec
     store = open_store("memory://tamper/run")
@@ -97,17 +112,7 @@ def test_tampered_or_broken_updates_are_rejected_and_never_averaged(data: Path) 
 
     def submit(client: str, delta: dict[str, torch.Tensor], tamper: bool = False) -> None:
         payload = encode(delta)
-        store.put(p.update_data(0, client), payload + (b"x" if tamper else b""))
-        marker = p.UpdateMarker(
-            client=client,
-            round=0,
-            sha256=p.sha256(payload),
-            examples=10,
-            steps=1,
-            bytes=len(payload),
-            metrics=p.ClientMetrics(train_loss=1.0, eval_loss=1.0, eval_examples=5),
-        )
-        store.put_if_absent(p.update_marker(0, client), p.dumps(marker))
+        submit_update(store, client, payload, stored=payload + (b"x" if tamper else b""))
 
     submit("alpha", good)
     submit("beta", good, tamper=True)
@@ -131,18 +136,7 @@ def test_too_few_valid_updates_keep_the_global(data: Path) -> None:
     agg = Aggregator(store, spec)
     gm = agg.publish_global(0, adapter_state(agg.model), {})
     for client in gm.selected:
-        payload = b"not safetensors"
-        store.put(p.update_data(0, client), payload)
-        marker = p.UpdateMarker(
-            client=client,
-            round=0,
-            sha256=p.sha256(payload),
-            examples=1,
-            steps=1,
-            bytes=len(payload),
-            metrics=p.ClientMetrics(),
-        )
-        store.put_if_absent(p.update_marker(0, client), p.dumps(marker))
+        submit_update(store, client, b"not safetensors")
     agg.close_round(gm)
     assert store.get(p.global_data(1)) == store.get(p.global_data(0))
     summary = p.read_record(store, p.summary(0), p.RoundSummary)
