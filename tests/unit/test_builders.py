@@ -184,3 +184,16 @@ def test_pods_find_their_run_in_storage() -> None:
     assert env["FEDTUNE_RUN_ROOT"] == f"s3://fedtune/runs/team-a/quickstart-{UID}"
     assert env["FEDTUNE_NAMESPACE"] == "team-a"
     assert client_job(res, "devops")["spec"]["template"]["spec"]["containers"][0]["args"] == ["--name", "devops"]
+
+
+def test_metrics_service_name_starts_with_a_letter() -> None:
+    from fedtune.api import parse_resource
+    from fedtune.controller.builders import metrics_service
+
+    doc = {
+        "apiVersion": "fedtune.io/v1alpha1",
+        "kind": "FederatedFineTune",
+        "metadata": {"name": "7b-run", "namespace": "ns", "uid": "u"},
+        "spec": {"model": {"name": "m"}, "clients": [{"name": "a", "data": {"uri": "s3://b/a.jsonl"}}]},
+    }
+    assert metrics_service(parse_resource(doc))["metadata"]["name"] == "fft-7b-run-metrics"

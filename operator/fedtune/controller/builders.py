@@ -219,7 +219,9 @@ def spec_config_map(res: FederatedFineTune) -> Manifest:
 
 
 def metrics_service(res: FederatedFineTune) -> Manifest:
-    name = child_name(res.metadata.name, "metrics")
+    # A Service name must start with a letter; a run name may start with a digit.
+    run = res.metadata.name
+    name = child_name(run if run[0].isalpha() else f"fft-{run}", "metrics")
     return {
         "apiVersion": "v1",
         "kind": "Service",
