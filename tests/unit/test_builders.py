@@ -187,13 +187,10 @@ def test_pods_find_their_run_in_storage() -> None:
 
 
 def test_metrics_service_name_starts_with_a_letter() -> None:
-    from fedtune.api import parse_resource
-    from fedtune.controller.builders import metrics_service
-
     doc = {
         "apiVersion": "fedtune.io/v1alpha1",
         "kind": "FederatedFineTune",
         "metadata": {"name": "7b-run", "namespace": "ns", "uid": "u"},
         "spec": {"model": {"name": "m"}, "clients": [{"name": "a", "data": {"uri": "s3://b/a.jsonl"}}]},
     }
-    assert metrics_service(parse_resource(doc))["metadata"]["name"] == "fft-7b-run-metrics"
+    assert builders.metrics_service(parse_resource(doc))["metadata"]["name"] == "fft-7b-run-metrics"
