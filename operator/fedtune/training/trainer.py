@@ -48,7 +48,7 @@ def train(
     for batch in batches:
         batch = {k: v.to(dev) for k, v in batch.items()}
         loss = model(**batch).loss
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if anchors:
             loss = loss + proximal_mu / 2 * sum(torch.sum((p - a) ** 2) for p, a in zip(params, anchors, strict=True))
         opt.zero_grad(set_to_none=True)
