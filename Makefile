@@ -45,7 +45,7 @@ clean:
 
 # --- test cluster: etcd, kube-apiserver, controller-manager, scheduler, helm and an S3 server, built
 # from the Go module proxy and cached by version under ~/.cache/fedtune (a second run builds nothing).
-.PHONY: cluster-deps cluster-up cluster-down cluster-status
+.PHONY: cluster-deps cluster-up cluster-down cluster-status cluster-demo
 
 cluster-deps:
 	$(PYTHON) -m tests.cluster.harness deps
@@ -54,7 +54,12 @@ cluster-up: install cluster-deps
 	$(PY) -m tests.cluster.harness up
 
 cluster-down:
+	-@test -f .cluster/operator.pid && kill $$(cat .cluster/operator.pid) 2>/dev/null; rm -f .cluster/operator.pid
 	$(PYTHON) -m tests.cluster.harness down
+
+# The newcomer's path in one command: a cluster, the CRDs, the operator, the quickstart, a live view.
+cluster-demo: cluster-up
+	PATH=$(CURDIR)/.cluster/bin:$$PATH $(PY) examples/cluster/demo.py
 
 cluster-status:
 	$(PYTHON) -m tests.cluster.harness status
