@@ -69,6 +69,11 @@ class Progress:
                 state, tl, el = self._state(c.name, gm)
                 restarts = next(pr.restarts for pr in self.procs if pr.name == c.name)
                 table.add_row(c.name, state, tl, el, str(restarts))
+            last = p.read_record(self.store, p.summary(latest - 1), p.RoundSummary) if latest else None
+            if last is not None:
+                current += (
+                    f"  (round {last.round + 1}: train loss {_f(last.train_loss)}, eval loss {_f(last.eval_loss)})"
+                )
             self.live.update(Group(Text(f"fedtune: {current}", style="bold"), table))
             return
         for r in range(self.printed, latest or 0):
