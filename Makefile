@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # multi-GB torch wheel so a rebuild downloads nothing.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 

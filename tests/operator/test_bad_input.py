@@ -72,6 +72,12 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.aggregation.minClients",
         "must not exceed clientsPerRound",
     ),
+    (
+        "privacy-with-a-robust-strategy",
+        {"aggregation": {"strategy": "krum"}, "privacy": {"enabled": True}},
+        "spec.privacy.enabled",
+        "needs a mean-based strategy",
+    ),
     ("no-storage", {"storage": None}, "spec.storage", "Required value"),
     ("no-storage-uri", {"storage": {"secretRef": "fedtune-s3"}}, "spec.storage.uri", "Required value"),
     ("empty-storage-uri", {"storage": {"uri": ""}}, "spec.storage.uri", "at least 1 chars"),

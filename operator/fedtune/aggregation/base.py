@@ -32,9 +32,6 @@ class Strategy(ABC):
     """
 
     name: str = ""
-    #: Whether the strategy's result is a function of the (weighted) mean update alone. Only such
-    #: strategies compose with client-level differential privacy, which noises that mean.
-    mean_based: bool = False
 
     def __init__(self, spec: AggregationSpec) -> None:
         self.spec = spec

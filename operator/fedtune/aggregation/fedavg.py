@@ -51,7 +51,6 @@ class FedAvg(Strategy):
     """The weighted mean of the updates added to the global."""
 
     name = "fedavg"
-    mean_based = True
 
     @single_threaded()
     def aggregate(

@@ -17,7 +17,6 @@ PREFIX = "momentum/"
 
 class FedAvgM(Strategy):
     name = "fedavgm"
-    mean_based = True
 
     @single_threaded()
     def aggregate(

@@ -26,8 +26,6 @@ from fedtune.tensors import single_threaded
 class FedOpt(Strategy):
     """The shared step; subclasses say only how the second moment moves."""
 
-    mean_based = True
-
     @abstractmethod
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
         """The new second-moment estimate from the old one and the squared pseudo-gradient."""

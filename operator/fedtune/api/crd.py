@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from fedtune.api.spec import API_GROUP, API_VERSION, KIND, PLURAL, FederatedFineTuneSpec
+from fedtune.api.spec import API_GROUP, API_VERSION, KIND, MEAN_BASED, PLURAL, FederatedFineTuneSpec
 
 SHORT_NAMES = ["fft", "fedtune"]
 CATEGORIES = ["fedtune"]
@@ -43,6 +43,13 @@ SPEC_RULES = [
         "!has(self.aggregation.minClients) || self.aggregation.minClients <= self.aggregation.clientsPerRound",
         "message": "minClients must not exceed clientsPerRound",
         "fieldPath": ".aggregation.minClients",
+    },
+    {
+        "rule": "!has(self.privacy) || !has(self.privacy.enabled) || !self.privacy.enabled || "
+        "!has(self.aggregation) || !has(self.aggregation.strategy) || "
+        f"self.aggregation.strategy in {sorted(str(s) for s in MEAN_BASED)}",
+        "message": "differential privacy needs a mean-based strategy (" + ", ".join(sorted(MEAN_BASED)) + ")",
+        "fieldPath": ".privacy.enabled",
     },
 ]
 

@@ -206,6 +206,13 @@ class Strategy(StrEnum):
     BULYAN = "bulyan"
 
 
+# Strategies whose result is a function of the (weighted) mean update alone: only these compose with
+# client-level differential privacy, which noises that mean.
+MEAN_BASED = frozenset(
+    {Strategy.FEDAVG, Strategy.FEDAVGM, Strategy.FEDPROX, Strategy.FEDADAM, Strategy.FEDYOGI, Strategy.FEDADAGRAD}
+)
+
+
 class Encoding(StrEnum):
     FP32 = "fp32"
     BF16 = "bf16"
@@ -231,7 +238,7 @@ class AggregationSpec(SpecModel):
         600, gt=0, description="After this, a round closes with the updates it has (at least minClients)."
     )
     server_learning_rate: float = Field(1.0, gt=0, description="Server step size (fedavgm, fedadam, ...).")
-    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm momentum; fedadam/fedyogi beta1.")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="fedavgm momentum; fedadam/fedyogi/fedadagrad beta1.")
     beta2: float = Field(0.99, ge=0, lt=1, description="fedadam/fedyogi second-moment decay.")
     tau: float = Field(1e-3, gt=0, description="fedadam/fedyogi/fedadagrad adaptivity (epsilon).")
     proximal_mu: float = Field(0.01, ge=0, description="fedprox: weight of the proximal term mu/2·||w − w_global||².")
@@ -320,6 +327,11 @@ class FederatedFineTuneSpec(SpecModel):
                 raise ValueError(f"clients[{i}].name: duplicate client name {n!r}")
             seen.add(n)
         agg = self.aggregation
+        if self.privacy.enabled and agg.strategy not in MEAN_BASED:
+            raise ValueError(
+                f"privacy.enabled: differential privacy noises the mean update, which strategy {agg.strategy} "
+                f"does not use; choose one of {', '.join(sorted(MEAN_BASED))}"
+            )
         if agg.min_clients > len(self.clients):
             raise ValueError(f"aggregation.minClients: {agg.min_clients} is more than the {len(self.clients)} clients")
         if agg.clients_per_round is not None:

@@ -61,15 +61,10 @@ class Aggregator:
         self.dp = self._privacy()
 
     def _privacy(self) -> ClientLevelDP | None:
-        """Client-level DP for this run, or None; it noises a mean, so it needs a mean-based strategy."""
+        """Client-level DP for this run, or None (the spec guarantees a mean-based strategy with it)."""
         spec = self.spec
         if not spec.privacy.enabled:
             return None
-        if not self.strategy.mean_based:
-            raise FedtuneError(
-                f"spec.privacy.enabled: differential privacy noises the mean update, which strategy "
-                f"{self.strategy.name} does not use; choose fedavg, fedavgm, fedprox, fedadam, fedyogi or fedadagrad"
-            )
         return ClientLevelDP(spec.privacy, spec.clients_per_round, len(spec.clients), spec.seed)
 
     def _last_round(self, rounds_done: int) -> bool:
