@@ -1,4 +1,4 @@
-"""Faults end to end on the test cluster: killed pods, a restarted operator, failing clients."""
+"""Faults end to end on the test cluster: killed pods, a restarted S3 server and operator, failing clients."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def committed(store: object) -> dict[str, bytes]:
     return {k: store.get(k) for k in store.list("rounds") if k.endswith(".json") and "/updates/" not in k}  # type: ignore[attr-defined]
 
 
-def test_killed_pods_and_a_restarted_operator_cost_no_committed_round(
+def test_killed_pods_and_restarted_servers_cost_no_committed_round(
     operator: Operator, runs: Runs, tiny_data: str
 ) -> None:
     cluster, ns = operator.cluster, operator.namespace
@@ -33,6 +33,10 @@ def test_killed_pods_and_a_restarted_operator_cost_no_committed_round(
     # A client's process dies mid-round: replaced, and the round completes with it.
     victim = running_pod(cluster, ns, "fedtune.io/client=beta")
     cluster.kill_pod(ns, victim)
+
+    # The storage server restarts mid-run: every process rides it out with retries.
+    cluster.stop_s3()
+    cluster.start_s3()
 
     # The operator restarts mid-run: it adopts what exists and creates nothing twice.
     first.terminate()
