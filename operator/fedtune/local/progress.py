@@ -52,7 +52,7 @@ class Progress:
             return ("done", "-", f"{ev.eval_loss:.4f}") if ev else ("evaluating", "-", "-")
         up = p.read_record(self.store, p.update_marker(gm.round, client), p.UpdateMarker)
         if up is None:
-            return ("restarting" if proc.restarts and proc.history else "training"), "-", "-"
+            return ("training" if not proc.restarts else f"training (restart {proc.restarts})"), "-", "-"
         m = up.metrics
         return "uploaded", _f(m.train_loss), _f(m.eval_loss)
 

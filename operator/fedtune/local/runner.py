@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -41,7 +41,6 @@ class Proc:
     restarts: int = 0
     failed: str | None = None
     done: bool = False
-    history: list[int] = field(default_factory=list)
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +127,9 @@ class LocalRun:
         env = child_env(len(self.spec.clients) + 1)
         env["FEDTUNE_RUN_NAME"] = self.name
         env["FEDTUNE_NAMESPACE"] = "local"
+        if self.spec.storage.endpoint:
+            # The processes open the run root before they can read the spec that names the endpoint.
+            env["FEDTUNE_S3_ENDPOINT"] = self.spec.storage.endpoint
         logs = self.folder / "logs"
         procs = [Proc(AGGREGATOR, [*base, "aggregator", "--run-root", self.store.uri], logs / "aggregator.log", env)]
         for c in self.spec.clients:
@@ -146,7 +148,6 @@ class LocalRun:
             if code == 0:
                 proc.done = True
                 continue
-            proc.history.append(code)
             if proc.restarts >= self.spec.backoff_limit:
                 proc.failed = proc.last_error()
             else:
