@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 from rich.console import Console
 
 from fedtune.aggregation.encoding import load_state
@@ -17,6 +19,7 @@ from fedtune.local.runner import LocalRun
 from fedtune.storage import open_store
 from fedtune.training.model import build_base_model, build_model, load_adapter
 from fedtune.training.tokenizer import build_tokenizer
+from tests.federation.conftest import tiny_resource, write_data
 
 pytestmark = pytest.mark.slow
 
@@ -56,3 +59,25 @@ def test_run_trains_and_writes_a_peft_adapter(tiny: Path, tmp_path: Path) -> Non
     markers = {k: store.get(k) for k in store.list("rounds") if k.endswith(".json")}
     LocalRun(tiny, output=out, console=Console(file=io.StringIO())).run(live=False)
     assert {k: store.get(k) for k in store.list("rounds") if k.endswith(".json")} == markers
+
+
+def test_run_over_a_real_s3_server(
+    tmp_path: Path, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedtune run` with its rounds in a bucket: the same protocol over HTTP."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    write_data(tmp_path / "data")
+    doc = tiny_resource(
+        tmp_path / "data",
+        aggregation={"rounds": 1},
+        storage={"uri": f"s3://{s3_bucket}/runs", "endpoint": s3_server.endpoint},
+    )
+    spec = tmp_path / "s3.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    final = LocalRun(spec, console=Console(file=io.StringIO())).run(live=False)
+    assert final.adapter == f"s3://{s3_bucket}/runs/tiny/final"
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert {"runs/tiny/spec.json", "runs/tiny/final/adapter_model.safetensors"} <= keys
