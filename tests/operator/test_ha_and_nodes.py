@@ -43,7 +43,8 @@ def test_only_one_replica_acts_and_the_other_takes_over(operator: Operator, runs
 def test_a_client_on_a_failed_node_is_rescheduled_in_its_pool(operator: Operator, runs: Runs, tiny_data: str) -> None:
     cluster, ns = operator.cluster, operator.namespace
     operator.start()
-    runs.create(tiny_run("nodes", training={"localSteps": 12}, aggregation={"rounds": 3, "roundTimeoutSeconds": 300}))
+    # Enough rounds that the run outlasts the eviction (30 s of toleration after the node fails).
+    runs.create(tiny_run("nodes", training={"localSteps": 12}, aggregation={"rounds": 25, "roundTimeoutSeconds": 300}))
     pod = running_pod(cluster, ns, "fedtune.io/client=alpha")
     node = cluster.core().read_namespaced_pod(pod, ns).spec.node_name
     assert node.startswith("gpu-a100")
@@ -55,7 +56,9 @@ def test_a_client_on_a_failed_node_is_rescheduled_in_its_pool(operator: Operator
             moved = [p for p in pods if p.spec.node_name and p.spec.node_name != node and p.status.phase == "Running"]
             if moved:
                 break
-            assert time.monotonic() < deadline, "alpha was not rescheduled off the failed node"
+            phases = [(p.metadata.name, p.spec.node_name, p.status.phase) for p in pods]
+            assert time.monotonic() < deadline, f"alpha was not rescheduled off the failed node: {phases}"
+            assert runs.get("nodes")["status"].get("state") != "Succeeded", "the run ended before the eviction"
             time.sleep(0.5)
         assert moved[0].spec.node_name.startswith("gpu-a100")
     finally:
