@@ -21,23 +21,22 @@ def test_only_one_replica_acts_and_the_other_takes_over(operator: Operator, runs
         "kopfpeerings",
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "fedtune"}},
     )
+    leader_log = operator.log
     leader = operator.start("--priority", "100", "--peering-lifetime", "8")
-    first_log = operator.log.read_text()
-    standby_log = operator.log.with_name("standby.log")
-    operator.log = standby_log
+    operator.log = leader_log.with_name("standby.log")
     standby = operator.start("--priority", "50", "--peering-lifetime", "8")
 
     runs.create(tiny_run("ha", training={"localSteps": 12}, aggregation={"rounds": 3}))
     runs.wait_state("ha", "Running", timeout=120)
-    assert "created Job" not in standby_log.read_text(), "the standby replica acted while the leader lived"
-    del first_log
+    assert "created Job" in leader_log.read_text()
+    assert "created Job" not in operator.log.read_text(), "the standby replica acted while the leader lived"
 
+    # With the leader gone, only the standby can carry the status on to the end.
     leader.send_signal(signal.SIGKILL)
     leader.wait()
     done = runs.wait_state("ha", "Succeeded", timeout=400)
     assert done["status"]["progress"] == "3/3"
     assert standby.poll() is None
-    assert "Merge-patching the status" in standby_log.read_text() or "Succeeded" in str(done["status"])
 
 
 def test_a_client_on_a_failed_node_is_rescheduled_in_its_pool(operator: Operator, runs: Runs, tiny_data: str) -> None:
