@@ -96,9 +96,9 @@ def run_store(res: FederatedFineTune, secret: dict[str, str] | None) -> ObjectSt
     )
 
 
-def read_progress(store: ObjectStore) -> Progress:
-    """The run's committed rounds, last summary and final summary."""
-    committed = p.latest_global(store)
+def read_progress(store: ObjectStore, hint: int | None = None) -> Progress:
+    """The run's committed rounds, last summary and final summary; `hint`: rounds known committed."""
+    committed = p.latest_global(store, hint)
     final = p.read_record(store, p.FINAL_SUMMARY, p.FinalSummary)
     last = p.read_record(store, p.summary(committed - 1), p.RoundSummary) if committed else None
     return Progress(committed=committed, final=final, last=last)
@@ -136,7 +136,7 @@ def reconcile(kube: Kube, res: FederatedFineTune, generation: int, old_status: O
             )
 
     try:
-        observed.progress = read_progress(run_store(res, secret))
+        observed.progress = read_progress(run_store(res, secret), old_status.get("completedRounds"))
     except FedtuneError as e:
         observed.storage_error = str(e)
     observed.jobs = kube.jobs(ns, name)

@@ -146,5 +146,5 @@ class Client:
 
 
 def _newer(store: ObjectStore, seen: int) -> int | None:
-    latest = p.latest_global(store)
+    latest = p.latest_global(store, hint=seen)
     return latest if latest is not None and latest > seen else None

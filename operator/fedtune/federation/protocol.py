@@ -164,8 +164,16 @@ class IntegrityError(FedtuneError):
     """An object does not match the sha256 its marker commits to."""
 
 
-def latest_global(store: ObjectStore) -> int | None:
-    """The highest round with a committed global marker (the global after the last round is the result)."""
+def latest_global(store: ObjectStore, hint: int | None = None) -> int | None:
+    """The highest round with a committed global marker (the global after the last round is the result).
+
+    Globals are committed in order, so from a `hint` known to be committed it steps forward one marker
+    at a time instead of listing every key of the run (pollers call this every second).
+    """
+    if hint is not None and hint >= 0 and store.exists(global_marker(hint)):
+        while store.exists(global_marker(hint + 1)):
+            hint += 1
+        return hint
     rounds = [int(k.split("/")[1]) for k in store.list("rounds") if k.endswith("/global.json")]
     return max(rounds, default=None)
 

@@ -29,6 +29,7 @@ class Progress:
             Live(console=console, refresh_per_second=4, transient=False) if live and console.is_terminal else None
         )
         self.printed = 0
+        self.latest: int | None = None
 
     def __enter__(self) -> Progress:
         if self.live:
@@ -57,7 +58,8 @@ class Progress:
         return "uploaded", _f(m.train_loss), _f(m.eval_loss)
 
     def refresh(self) -> None:
-        latest = p.latest_global(self.store)
+        latest = p.latest_global(self.store, hint=self.latest)
+        self.latest = latest
         gm = p.read_record(self.store, p.global_marker(latest), p.GlobalMarker) if latest is not None else None
         total = self.spec.aggregation.rounds
         if self.live:
