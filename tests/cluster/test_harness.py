@@ -242,13 +242,17 @@ def test_node_fault_injection(cluster: Cluster, namespace: str) -> None:
     wait_for(lambda: cluster.node_ready(node) == "True", 30, "node ready again")
 
 
-def test_deleted_node_kills_its_pods_and_comes_back(cluster: Cluster, namespace: str) -> None:
-    core = cluster.core()
-    spec = pod("doomed", "import time; time.sleep(600)", nodeSelector={"kubernetes.io/hostname": "gpu-a100-1"})
+def sleeper_on(cluster: Cluster, namespace: str, name: str, node: str) -> int:
+    """A long-sleeping pod pinned to a GPU node, once Running; returns its process id."""
+    spec = pod(name, "import time; time.sleep(600)", nodeSelector={"kubernetes.io/hostname": node})
     spec["spec"]["tolerations"] = [GPU_TOLERATION]
-    core.create_namespaced_pod(namespace, spec)
-    cluster.wait_pod(namespace, "doomed", ["Running"])
-    pid = cluster.pod_pid(namespace, "doomed")
+    cluster.core().create_namespaced_pod(namespace, spec)
+    cluster.wait_pod(namespace, name, ["Running"])
+    return cluster.pod_pid(namespace, name)
+
+
+def test_deleted_node_kills_its_pods_and_comes_back(cluster: Cluster, namespace: str) -> None:
+    pid = sleeper_on(cluster, namespace, "doomed", "gpu-a100-1")
     cluster.delete_node("gpu-a100-1")
     try:
         wait_for(lambda: not _alive(pid), 30, "the pod's process to die with its node")
@@ -320,11 +324,7 @@ def test_declared_ports_get_free_host_ports(cluster: Cluster, namespace: str) ->
 
 def test_unreachable_node_stops_reporting_until_it_returns(cluster: Cluster, namespace: str) -> None:
     core = cluster.core()
-    spec = pod("cut-off", "import time; time.sleep(600)", nodeSelector={"kubernetes.io/hostname": "gpu-a100-0"})
-    spec["spec"]["tolerations"] = [GPU_TOLERATION]
-    core.create_namespaced_pod(namespace, spec)
-    cluster.wait_pod(namespace, "cut-off", ["Running"])
-    pid = cluster.pod_pid(namespace, "cut-off")
+    pid = sleeper_on(cluster, namespace, "cut-off", "gpu-a100-0")
     cluster.make_node_unreachable("gpu-a100-0")
     try:
         wait_for(lambda: cluster.node_agent_mode("gpu-a100-0") == "unreachable", 30, "the agent to notice")

@@ -131,12 +131,7 @@ class ControlPlane:
         self.procs["kube-controller-manager"] = procs.start(
             [
                 str(bins["kube-controller-manager"]),
-                f"--kubeconfig={cm_conf}",
-                f"--authentication-kubeconfig={cm_conf}",
-                f"--authorization-kubeconfig={cm_conf}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={procs.free_port()}",
-                "--leader-elect=false",
+                *_component_flags(cm_conf),
                 f"--service-account-private-key-file={pki.sa_key}",
                 f"--root-ca-file={pki.ca.cert}",
                 "--use-service-account-credentials=true",
@@ -152,12 +147,7 @@ class ControlPlane:
         self.procs["kube-scheduler"] = procs.start(
             [
                 str(bins["kube-scheduler"]),
-                f"--kubeconfig={sched_conf}",
-                f"--authentication-kubeconfig={sched_conf}",
-                f"--authorization-kubeconfig={sched_conf}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={procs.free_port()}",
-                "--leader-elect=false",
+                *_component_flags(sched_conf),
                 f"--cert-dir={self.folder / 'scheduler-certs'}",
                 "--profiling=false",
                 "--v=1",
@@ -197,3 +187,15 @@ class ControlPlane:
         """Stop in reverse order of start: scheduler and controllers first, etcd last."""
         for name in reversed(list(self.procs)):
             procs.stop(self.procs.pop(name), grace=10.0)
+
+
+def _component_flags(kubeconfig: Path) -> list[str]:
+    """What the controller-manager and the scheduler share: one identity, a loopback port, no election."""
+    return [
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={procs.free_port()}",
+        "--leader-elect=false",
+    ]
