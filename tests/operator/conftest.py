@@ -83,6 +83,8 @@ def operator(crds: Cluster, namespace: str, tmp_path: Path) -> Iterator[Operator
         yield op
     finally:
         op.stop()
+        if op.log.exists():  # shown by pytest only when the test fails
+            print("operator log, last lines:", *op.log.read_text(errors="replace").splitlines()[-60:], sep="\n")
 
 
 class Runs:
@@ -186,6 +188,14 @@ def run_store(cluster: Cluster, status: dict[str, Any]) -> Any:
     return open_store(
         status["runRoot"], endpoint=cluster.s3.endpoint, credentials=(cluster.s3.access_key, cluster.s3.secret_key)
     )
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `check` until it holds, failing with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
 
 
 def running_pod(cluster: Cluster, namespace: str, selector: str, timeout: float = 120) -> str:

@@ -7,9 +7,15 @@ import time
 
 import pytest
 
-from tests.operator.conftest import Operator, Runs, running_pod, tiny_run
+from tests.operator.conftest import Operator, Runs, running_pod, tiny_run, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def peers(runs: Runs, ns: str) -> set[int]:
+    """Priorities of the operator replicas registered in the peering object."""
+    obj = runs.api.get_namespaced_custom_object("kopf.dev", "v1", ns, "kopfpeerings", "fedtune")
+    return {int(p["priority"]) for p in (obj.get("status") or {}).values()}
 
 
 def test_only_one_replica_acts_and_the_other_takes_over(operator: Operator, runs: Runs, tiny_data: str) -> None:
@@ -21,10 +27,16 @@ def test_only_one_replica_acts_and_the_other_takes_over(operator: Operator, runs
         "kopfpeerings",
         {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "fedtune"}},
     )
+    # The leader is up and registered before the standby starts, and the standby has registered
+    # before the run exists: replicas that start at the same instant may both act for a moment, which
+    # level-based reconciliation makes harmless but would make this test's claim untestable.
     leader_log = operator.log
-    leader = operator.start("--priority", "100", "--peering-lifetime", "8")
+    leader = operator.start("--priority", "100", "--peering-lifetime", "20")
+    wait_until(lambda: peers(runs, ns) == {100}, 60, "the leader's entry in the peering object")
     operator.log = leader_log.with_name("standby.log")
-    standby = operator.start("--priority", "50", "--peering-lifetime", "8")
+    standby = operator.start("--priority", "50", "--peering-lifetime", "20")
+    # A replica starts paused and resumes only once it sees no live peer of higher priority.
+    wait_until(lambda: peers(runs, ns) == {100, 50}, 60, "the standby's entry in the peering object")
 
     runs.create(tiny_run("ha", training={"localSteps": 12}, aggregation={"rounds": 3}))
     runs.wait_state("ha", "Running", timeout=120)

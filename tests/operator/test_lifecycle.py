@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from tests.operator.conftest import Operator, Runs, run_store, tiny_run
+from tests.operator.conftest import Operator, Runs, run_store, tiny_run, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -15,13 +13,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 def jobs_of(operator: Operator, run: str) -> list[str]:
     found = operator.cluster.batch().list_namespaced_job(operator.namespace, label_selector=f"fedtune.io/run={run}")
     return sorted(j.metadata.name for j in found.items if j.metadata.deletion_timestamp is None)
-
-
-def wait_until(check: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 def test_suspend_removes_pods_and_resume_continues_from_the_last_round(

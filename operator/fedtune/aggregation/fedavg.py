@@ -12,8 +12,8 @@ from fedtune.tensors import single_threaded
 
 
 @single_threaded()
-def weighted_mean(updates: Iterable[ClientUpdate]) -> State:
-    """Weighted mean of deltas, accumulated in place one update at a time.
+def weighted_sum(updates: Iterable[ClientUpdate]) -> tuple[State, float]:
+    """Weighted sum of deltas and the sum of weights, accumulated in place one update at a time.
 
     Peak memory is the accumulator plus the update being added, however many updates there are.
     Accumulation stays in the updates' float32: at the scale of adapter deltas its rounding is far
@@ -32,18 +32,31 @@ def weighted_mean(updates: Iterable[ClientUpdate]) -> State:
         total += u.weight
     if total <= 0:
         raise FedtuneError("aggregation: no update to average")
+    return acc, total
+
+
+def weighted_mean(updates: Iterable[ClientUpdate]) -> State:
+    """Weighted mean of deltas, streamed as in `weighted_sum`."""
+    acc, total = weighted_sum(updates)
     for v in acc.values():
         v.div_(total)
     return acc
 
 
 @single_threaded()
-def apply_delta(global_state: State, delta: State, scale: float = 1.0) -> State:
-    """global + scale·delta on the keys the delta has; other keys (frozen ones) unchanged."""
+def apply_delta(global_state: State, delta: State, scale: float = 1.0, reuse_delta: bool = False) -> State:
+    """global + scale·delta on the keys the delta has; other keys (frozen ones) unchanged.
+
+    With `reuse_delta` the float32 delta is a scratch buffer the caller gives up: the sum is written
+    into it, one pass over memory and no new allocation.
+    """
     out = dict(global_state)
     for k, d in delta.items():
         g = global_state[k]
-        out[k] = g.to(torch.promote_types(g.dtype, torch.float32)).add(d, alpha=scale).to(g.dtype)
+        if reuse_delta:
+            out[k] = torch.add(g, d, alpha=scale, out=d).to(g.dtype)
+        else:
+            out[k] = g.to(torch.promote_types(g.dtype, torch.float32)).add(d, alpha=scale).to(g.dtype)
     return out
 
 
@@ -56,4 +69,5 @@ class FedAvg(Strategy):
     def aggregate(
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
     ) -> tuple[State, State]:
-        return apply_delta(global_state, weighted_mean(updates)), server_state
+        total_delta, weight = weighted_sum(updates)
+        return apply_delta(global_state, total_delta, 1.0 / weight, reuse_delta=True), server_state

@@ -36,6 +36,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.connect_timeout = 30
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 8
+    # A run deleted by its own timer (ttlSecondsAfterFinished) waits for that timer to stop before its
+    # finalizer goes; kopf re-checks a still-stopping timer after 60 s unless told otherwise.
+    settings.background.instant_exit_timeout = 1.0
+    settings.background.cancellation_polling = 1.0
     settings.peering.lifetime = int(os.environ.get("FEDTUNE_PEERING_LIFETIME", "60"))
     metrics.serve(int(os.environ.get("FEDTUNE_METRICS_PORT", "0")))
 
@@ -52,12 +56,7 @@ def kube() -> Kube:
 
 def _step(body: kopf.Body, patch: kopf.Patch) -> None:
     """Reconcile once and write status in one merge patch, only if it changed."""
-    raw = {
-        "apiVersion": body["apiVersion"],
-        "kind": body["kind"],
-        "metadata": dict(body["metadata"]),
-        "spec": dict(body["spec"]),
-    }
+    raw = _resource(body)
     old = dict(body.get("status") or {})
     meta = body["metadata"]
     try:
@@ -117,14 +116,15 @@ def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return any(old.get(k) != v for k, v in new.items())
 
 
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-@kopf.on.update(*RESOURCE, field="spec")
+# kopf's default backoff after an unexpected error is 60 s; a failed step is simply retried on the next tick.
+@kopf.on.resume(*RESOURCE, backoff=TICK_SECONDS)
+@kopf.on.create(*RESOURCE, backoff=TICK_SECONDS)
+@kopf.on.update(*RESOURCE, field="spec", backoff=TICK_SECONDS)
 def react(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     _step(body, patch)
 
 
-@kopf.timer(*RESOURCE, interval=TICK_SECONDS, sharp=True)
+@kopf.timer(*RESOURCE, interval=TICK_SECONDS, sharp=True, backoff=TICK_SECONDS)
 def tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     try:
         _step(body, patch)
