@@ -8,6 +8,7 @@ from fedtune.federation import protocol as p
 from tests.operator.conftest import Operator, Runs, run_store, running_pod, tiny_run
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+ROUNDS = 8
 
 
 def committed(store: object) -> dict[str, bytes]:
@@ -19,7 +20,8 @@ def test_killed_pods_and_restarted_servers_cost_no_committed_round(
 ) -> None:
     cluster, ns = operator.cluster, operator.namespace
     first = operator.start()
-    runs.create(tiny_run("faults", training={"localSteps": 12}, aggregation={"rounds": 4}))
+    # Rounds enough to outlast the four faults below.
+    runs.create(tiny_run("faults", training={"localSteps": 12}, aggregation={"rounds": ROUNDS}))
     status = runs.wait(
         "faults", lambda s: s.get("completedRounds", 0) >= 1 and s.get("state") == "Running", 300, "round 1"
     )["status"]
@@ -44,7 +46,7 @@ def test_killed_pods_and_restarted_servers_cost_no_committed_round(
     operator.start()
 
     done = runs.wait_state("faults", "Succeeded", timeout=600)["status"]
-    assert done["progress"] == "4/4"
+    assert done["progress"] == f"{ROUNDS}/{ROUNDS}"
     after = committed(store)
     assert all(after[k] == v for k, v in before.items()), "a committed round was rewritten"
     jobs = cluster.batch().list_namespaced_job(ns, label_selector="fedtune.io/run=faults").items
@@ -56,7 +58,7 @@ def test_killed_pods_and_restarted_servers_cost_no_committed_round(
     ]
     beta = next(c for c in done["clients"] if c["name"] == "beta")
     assert beta["restarts"] >= 1
-    for r in range(4):
+    for r in range(ROUNDS):
         summary = p.read_record(store, p.summary(r), p.RoundSummary)
         assert summary is not None and summary.participants == ["alpha", "beta", "gamma"], (r, summary)
 

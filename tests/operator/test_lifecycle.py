@@ -19,7 +19,8 @@ def test_suspend_removes_pods_and_resume_continues_from_the_last_round(
     operator: Operator, runs: Runs, tiny_data: str
 ) -> None:
     operator.start()
-    runs.create(tiny_run("pausable", training={"localSteps": 12}, aggregation={"rounds": 4}))
+    # Rounds enough that the suspension lands long before the run could end by itself.
+    runs.create(tiny_run("pausable", training={"localSteps": 12}, aggregation={"rounds": 12}))
     runs.wait("pausable", lambda s: s.get("completedRounds", 0) >= 1, 300, "a committed round")
     runs.patch("pausable", {"spec": {"suspend": True}})
     suspended = runs.wait_state("pausable", "Suspended", timeout=60)["status"]
@@ -30,7 +31,7 @@ def test_suspend_removes_pods_and_resume_continues_from_the_last_round(
 
     runs.patch("pausable", {"spec": {"suspend": False}})
     done = runs.wait_state("pausable", "Succeeded", timeout=400)["status"]
-    assert done["progress"] == "4/4"
+    assert done["progress"] == "12/12"
     assert all(store.get(k) == v for k, v in kept.items()), "a committed round was redone"
 
 
