@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from fedtune.api import FederatedFineTune, parse_resource
+from fedtune.federation.signing import Trust
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "cluster" / "quickstart.yaml"
 UID = "0b7f5c8e-6a1d-4f2e-9c3b-5d8e7f6a1b2c"
@@ -19,3 +20,22 @@ def run(name: str = "quickstart", labels: dict[str, str] | None = None, **spec: 
     doc["spec"].update(spec)
     doc["metadata"] = {"name": name, "namespace": "team-a", "uid": UID, "labels": labels or {}}
     return parse_resource(doc)
+
+
+def _public(seed: int) -> str:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedtune.federation.signing import encode_public
+
+    return encode_public(Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32).public_key())
+
+
+def _trust() -> Trust:
+    return Trust(
+        run=f"team-a/quickstart/{UID}",
+        aggregator=_public(1),
+        clients={name: _public(i + 2) for i, name in enumerate(("clinic", "bank", "devops"))},
+    )
+
+
+TRUST = _trust()

@@ -9,14 +9,14 @@ from typing import Any
 
 from fedtune.api import parse_resource
 from fedtune.controller import builders
-from tests.unit.runs import UID, run
+from tests.unit.runs import TRUST, UID, run
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 QUEUE = "kueue.x-k8s.io/queue-name"
 
 
 def jobs(res: Any) -> list[dict[str, Any]]:
-    return [m for m in builders.children(res) if m["kind"] == "Job"]
+    return [m for m in builders.children(res, TRUST) if m["kind"] == "Job"]
 
 
 def containers(res: Any) -> Iterator[dict[str, Any]]:
@@ -30,7 +30,7 @@ def client_job(res: Any, client: str) -> dict[str, Any]:
 
 def test_short_names_are_kept_as_they_are() -> None:
     res = run()
-    names = [m["metadata"]["name"] for m in builders.children(res)]
+    names = [m["metadata"]["name"] for m in builders.children(res, TRUST)]
     assert names == [
         "quickstart-spec",
         "quickstart-metrics",
@@ -46,16 +46,16 @@ def test_long_names_are_hashed_to_63_characters_and_stay_distinct() -> None:
     long_run = "r" * 63
     clients = [{"name": "c" * 39 + s, "data": {"uri": f"s3://fedtune/{s}.jsonl"}} for s in "ab"]
     res = run(name=long_run, clients=clients)
-    names = [m["metadata"]["name"] for m in builders.children(res)]
+    names = [m["metadata"]["name"] for m in builders.children(res, TRUST)]
     assert all(len(n) <= 63 and DNS_LABEL.match(n) for n in names), names
     assert len(set(names)) == len(names)
-    assert names == [m["metadata"]["name"] for m in builders.children(run(name=long_run, clients=clients))]
+    assert names == [m["metadata"]["name"] for m in builders.children(run(name=long_run, clients=clients), TRUST)]
     assert builders.child_name(long_run, "x") != builders.child_name(long_run, "y")
 
 
 def test_every_child_is_owned_by_the_run_and_labelled() -> None:
     res = run()
-    for m in builders.children(res):
+    for m in builders.children(res, TRUST):
         meta = m["metadata"]
         assert meta["namespace"] == "team-a"
         assert meta["ownerReferences"] == [
@@ -83,7 +83,7 @@ def test_pods_meet_the_restricted_pod_security_standard() -> None:
         assert pod["securityContext"]["runAsUser"] != 0
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
-        assert all(set(v) - {"name"} <= {"emptyDir", "configMap"} for v in pod["volumes"]), pod["volumes"]
+        assert all(set(v) - {"name"} <= {"emptyDir", "configMap", "secret"} for v in pod["volumes"]), pod["volumes"]
         assert pod["automountServiceAccountToken"] is False
         for c in pod["containers"]:
             sc = c["securityContext"]
@@ -139,14 +139,46 @@ def test_node_selector_tolerations_and_affinity_are_passed_through() -> None:
     assert "nodeSelector" not in bare and "affinity" not in bare
 
 
-def test_the_storage_secret_is_only_referenced_through_env_from() -> None:
-    res = run()
-    for c in containers(res):
-        assert c["envFrom"] == [{"secretRef": {"name": "fedtune-s3"}}]
-        assert not any(e["name"].startswith("AWS_ACCESS") or "valueFrom" in e for e in c["env"])
-    for m in builders.children(res):
-        assert m["kind"] != "Secret"
-        assert "secret" not in json.dumps(m.get("spec", {}).get("template", {})).replace("secretRef", "")
+def _secrets_of(job: dict[str, Any]) -> set[str]:
+    """Every Secret a pod can see: through envFrom, env valueFrom or a volume."""
+    pod = job["spec"]["template"]["spec"]
+    names = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    for c in pod["containers"]:
+        names |= {e["secretRef"]["name"] for e in c.get("envFrom", [])}
+        names |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
+    return names
+
+
+def test_each_pod_sees_only_its_own_partys_secrets() -> None:
+    parties = {
+        "clients": [
+            {
+                "name": name,
+                "data": {"uri": f"s3://{name}/d.jsonl", "secretRef": f"{name}-data"},
+                "secretRef": f"{name}-s3",
+            }
+            for name in ("clinic", "bank")
+        ]
+        + [{"name": "devops", "data": {"uri": "s3://b/d.jsonl"}}],
+        "aggregator": {"secretRef": "coordinator-s3"},
+    }
+    res = run(**parties)
+    key = builders.key_secret_name
+    assert _secrets_of(builders.aggregator_job(res)) == {"coordinator-s3", key("quickstart", "aggregator")}
+    assert _secrets_of(client_job(res, "clinic")) == {"clinic-s3", "clinic-data", key("quickstart", "client clinic")}
+    assert _secrets_of(client_job(res, "bank")) == {"bank-s3", "bank-data", key("quickstart", "client bank")}
+    # A client without its own Secret falls back to the run's default (a single-team run).
+    assert _secrets_of(client_job(res, "devops")) == {"fedtune-s3", key("quickstart", "client devops")}
+    for job in jobs(res):
+        env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert not any(e["name"].startswith("AWS_ACCESS") for e in env)
+
+
+def test_a_party_with_its_own_key_mounts_that_secret() -> None:
+    public = "ed25519:" + "A" * 43 + "="
+    res = run(aggregator={"publicKey": public, "signingKeySecretRef": "agg-key"})
+    assert "agg-key" in _secrets_of(builders.aggregator_job(res))
+    assert builders.key_secret_name("quickstart", "aggregator") not in _secrets_of(builders.aggregator_job(res))
     no_secret = run(storage={"uri": "s3://fedtune/runs"})
     assert all("envFrom" not in c for c in containers(no_secret))
 
@@ -160,15 +192,20 @@ def test_kueue_queue_label_reaches_jobs_and_pods() -> None:
     assert all(QUEUE not in job["metadata"]["labels"] for job in jobs(run()))
 
 
-def test_spec_config_map_round_trips_and_the_aggregator_reads_it() -> None:
+def test_config_map_carries_the_resource_and_pinned_keys_into_every_pod() -> None:
+    from fedtune.federation.run_config import KEYS_FILE, RESOURCE_FILE
+    from fedtune.federation.signing import Trust
+
     res = run()
-    cm = builders.spec_config_map(res)
-    doc = json.loads(cm["data"][builders.SPEC_FILE])
-    assert parse_resource(doc).spec == res.spec
-    pod = builders.aggregator_job(res)["spec"]["template"]["spec"]
-    mounted = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    assert {"name": "spec", "configMap": {"name": cm["metadata"]["name"]}} in pod["volumes"]
-    assert pod["containers"][0]["args"] == ["--spec", f"{mounted['spec']}/{builders.SPEC_FILE}"]
+    cm = builders.spec_config_map(res, TRUST)
+    assert parse_resource(json.loads(cm["data"][RESOURCE_FILE])).spec == res.spec
+    assert Trust.from_json(cm["data"][KEYS_FILE], "keys") == TRUST
+    for job in jobs(res):
+        pod = job["spec"]["template"]["spec"]
+        assert {"name": "config", "configMap": {"name": cm["metadata"]["name"]}} in pod["volumes"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["FEDTUNE_CONFIG"] == builders.CONFIG_MOUNT
+        assert env["FEDTUNE_SIGNING_KEY"].startswith(builders.KEY_MOUNT + "/")
 
 
 def test_metrics_service_selects_the_aggregator_pod_only() -> None:

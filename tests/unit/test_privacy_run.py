@@ -12,10 +12,9 @@ from rich.console import Console
 
 from fedtune.aggregation.encoding import load_state
 from fedtune.api import SpecError, load_resource
-from fedtune.federation import protocol as p
+from fedtune.local.identities import local_ledger
 from fedtune.local.runner import LocalRun
 from fedtune.privacy import CLIP_NORM, epsilon
-from fedtune.storage import open_store
 from tests.federation.conftest import tiny_resource, write_data
 
 pytestmark = pytest.mark.slow
@@ -36,18 +35,18 @@ def test_dp_run_reports_epsilon_and_stops_before_the_target(tmp_path: Path) -> N
     path = spec_file(tmp_path, privacy={**PRIVACY, "targetEpsilon": target}, aggregation={"rounds": 5, "minClients": 3})
     out = tmp_path / "runs"
     final = LocalRun(path, output=out, console=Console(file=io.StringIO())).run(live=False)
-    store = open_store(str(out / "tiny"))
+    ledger = local_ledger(out / "tiny")
 
     assert final.rounds == 2
     assert final.stopped_early is not None
     assert final.stopped_early.startswith("privacy.targetEpsilon: round 2 would raise epsilon to 2.54")
     for r in range(2):
-        s = p.read_record(store, p.summary(r), p.RoundSummary)
+        s = ledger.summary(r)
         assert s is not None and s.epsilon == epsilon(3.0, 1.0, r + 1, 1e-5)
         assert s.epsilon <= target
-    gm = p.read_record(store, p.global_marker(1), p.GlobalMarker)
+    gm = ledger.global_marker(1)
     assert gm is not None and gm.server_state_sha256
-    clip = float(load_state(store.get(p.server_state(1)))[CLIP_NORM])
+    clip = float(load_state(ledger.server_state_bytes(gm) or b"")[CLIP_NORM])
     assert clip > 0 and clip != PRIVACY["clipNorm"]
 
 

@@ -1,42 +1,49 @@
-"""Finding the latest committed global: by listing, or by stepping forward from a known round."""
+"""Finding the latest committed global with existence checks alone: clients may not list the bucket."""
 
 from __future__ import annotations
 
 import pytest
 
 from fedtune.federation import protocol as p
+from fedtune.federation.records import Ledger
 from fedtune.storage.memory import MemoryStore
+from tests.unit.runs import TRUST
 
 
 class CountingStore(MemoryStore):
     lists = 0
+    heads = 0
 
     def list(self, prefix: str = "") -> list[str]:
         self.lists += 1
         return super().list(prefix)
 
+    def exists(self, key: str) -> bool:
+        self.heads += 1
+        return super().exists(key)
 
-@pytest.fixture
-def store(request: pytest.FixtureRequest) -> CountingStore:
-    s = CountingStore(request.node.name)
-    for r in range(4):
+
+def ledger_with(name: str, rounds: int) -> tuple[Ledger, CountingStore]:
+    s = CountingStore(name)
+    for r in range(rounds):
         s.put(p.global_marker(r), b"{}")
         s.put(p.update_marker(r, "a"), b"{}")
-    return s
+    return Ledger(s, TRUST), s
 
 
-def test_listing_finds_the_highest_round(store: CountingStore) -> None:
-    assert p.latest_global(store) == 3
-    assert p.latest_global(CountingStore("empty")) is None
-
-
-def test_a_hint_steps_forward_without_listing(store: CountingStore) -> None:
-    assert p.latest_global(store, hint=1) == 3
-    assert p.latest_global(store, hint=3) == 3
+@pytest.mark.parametrize("rounds", [0, 1, 2, 3, 4, 5, 17, 64, 100])
+def test_the_latest_global_is_found_without_listing(rounds: int) -> None:
+    ledger, store = ledger_with(f"r{rounds}", rounds)
+    assert ledger.latest_global() == (rounds - 1 if rounds else None)
     assert store.lists == 0
+    # Doubling then bisecting: logarithmic in the number of rounds, not linear.
+    assert store.heads <= 2 * max(rounds, 1).bit_length() + 2
 
 
-def test_a_hint_that_is_not_committed_falls_back_to_listing(store: CountingStore) -> None:
-    assert p.latest_global(store, hint=7) == 3
-    assert p.latest_global(store, hint=-1) == 3
-    assert store.lists == 2
+def test_a_hint_steps_forward(request: pytest.FixtureRequest) -> None:
+    ledger, store = ledger_with(request.node.name, 4)
+    assert ledger.latest_global(hint=1) == 3
+    assert ledger.latest_global(hint=3) == 3
+    assert ledger.latest_global(hint=7) == 3
+    assert ledger.latest_global(hint=-1) == 3
+    assert store.lists == 0

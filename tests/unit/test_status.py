@@ -90,11 +90,20 @@ def test_pending_then_running_then_succeeded() -> None:
     assert "completionTime" not in running
 
     jobs = {n: job(n, "Complete") for n in jobs}
-    final = FinalSummary(rounds=3, eval_loss=1.5, adapter="s3://fedtune/runs/x/final")
+    final = FinalSummary(
+        rounds=3,
+        eval_loss=1.5,
+        adapter="s3://fedtune/runs/x/final",
+        adapter_sha256="ab" * 32,
+        config_sha256="cd" * 32,
+        chain=["00" * 32] * 4,
+        epoch=1,
+    )
     done = observe(res, running, 90, jobs=jobs, progress=Progress(committed=3, final=final, last=round_summary(2)))
     assert done["state"] == "Succeeded"
     assert (done["progress"], done["currentRound"]) == ("3/3", 3)
     assert done["adapterURI"] == "s3://fedtune/runs/x/final"
+    assert done["adapterSHA256"] == "ab" * 32
     assert conditions(done)["Succeeded"] == ("True", "RunSucceeded")
     assert conditions(done)["Running"] == ("False", "NotRunning")
     assert done["completionTime"] == (T0 + timedelta(seconds=90)).isoformat()

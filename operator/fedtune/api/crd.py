@@ -82,6 +82,10 @@ STATUS_SCHEMA: dict[str, Any] = {
         "completedRounds": {"type": "integer", "description": "Rounds whose next global is committed."},
         "observedGeneration": {"type": "integer", "description": "The generation this status describes."},
         "adapterURI": {"type": "string", "description": "Where the final PEFT adapter is."},
+        "adapterSHA256": {
+            "type": "string",
+            "description": "sha256 of the final adapter_model.safetensors, as the aggregator signed it.",
+        },
         "conditions": {
             "type": "array",
             "description": "Ready, Running, Succeeded, Failed, Suspended (metav1.Condition).",

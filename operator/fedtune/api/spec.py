@@ -8,7 +8,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "fedtune.io"
@@ -18,6 +18,10 @@ PLURAL = "federatedfinetunes"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 MAX_CLIENTS = 256
+# `ed25519:` and the base64 of the 32-byte public key, as `fedtune keygen` prints it.
+PUBLIC_KEY = r"^ed25519:[A-Za-z0-9+/]{43}=$"
+# The label a Secret needs before a run may reference it: the operator reads no other Secret.
+CREDENTIALS_LABEL = f"{API_GROUP}/credentials"
 
 
 class SpecModel(BaseModel):
@@ -132,6 +136,13 @@ class DataSpec(SpecModel):
     eval_uri: str | None = Field(
         None, max_length=2048, description="A separate JSONL for evaluation; overrides evalFraction."
     )
+    secret_ref: str | None = Field(
+        None,
+        max_length=253,
+        description="Secret with the credentials for this data (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "optionally AWS_ENDPOINT_URL); mounted into this client's pod only. Needs the label "
+        f"{CREDENTIALS_LABEL}.",
+    )
 
 
 class ResourcesSpec(SpecModel):
@@ -160,7 +171,45 @@ class PlacementSpec(SpecModel):
     affinity: dict[str, Any] | None = Field(None, description="A Kubernetes affinity, passed as is.")
 
 
-class ClientSpec(PlacementSpec):
+_KEY_PAIR_MESSAGE = "publicKey and signingKeySecretRef go together: the Secret holds the private half of the key"
+_IDENTITY_RULES: list[JsonValue] = [
+    {"rule": "has(self.publicKey) == has(self.signingKeySecretRef)", "message": _KEY_PAIR_MESSAGE}
+]
+
+
+class PartySpec(PlacementSpec):
+    """A party of the run (the aggregator or one client): its pod, its storage identity, its signing key."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _IDENTITY_RULES})
+
+    secret_ref: str | None = Field(
+        None,
+        max_length=253,
+        description="Secret with this party's own storage credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "optionally AWS_ENDPOINT_URL); defaults to storage.secretRef. Mounted into this party's pod only. "
+        f"Needs the label {CREDENTIALS_LABEL}.",
+    )
+    public_key: str | None = Field(
+        None,
+        pattern=PUBLIC_KEY,
+        description="This party's Ed25519 public key (ed25519:<base64>, from `fedtune keygen`), pinned here so "
+        "nobody with bucket access can replace it. Unset: the operator generates a key pair for the run.",
+    )
+    signing_key_secret_ref: str | None = Field(
+        None,
+        max_length=253,
+        description="Secret holding the private key that matches publicKey (key signing.key, PEM); mounted "
+        f"into this party's pod only. Needs the label {CREDENTIALS_LABEL}.",
+    )
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> PartySpec:
+        if (self.public_key is None) != (self.signing_key_secret_ref is None):
+            raise ValueError(f"publicKey: {_KEY_PAIR_MESSAGE}")
+        return self
+
+
+class ClientSpec(PartySpec):
     """One data owner (silo): its data and where its trainer runs."""
 
     name: str = Field(
@@ -176,8 +225,8 @@ class ClientSpec(PlacementSpec):
     )
 
 
-class AggregatorSpec(PlacementSpec):
-    """Where the aggregator runs."""
+class AggregatorSpec(PartySpec):
+    """Where the aggregator runs, and its identity."""
 
 
 class TrainingSpec(SpecModel):
@@ -285,8 +334,9 @@ class StorageSpec(SpecModel):
     secret_ref: str | None = Field(
         None,
         max_length=253,
-        description="Secret whose keys become the pods' environment: AWS_ACCESS_KEY_ID, "
-        "AWS_SECRET_ACCESS_KEY, optionally AWS_ENDPOINT_URL.",
+        description="Default storage credentials of every party without its own secretRef (a single-team run): "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optionally AWS_ENDPOINT_URL. Needs the label "
+        f"{CREDENTIALS_LABEL}.",
     )
     keep: bool = Field(True, description="Keep the run's objects when the resource is deleted.")
 
@@ -344,6 +394,21 @@ class FederatedFineTuneSpec(SpecModel):
                     f"aggregation.minClients: {agg.min_clients} is more than clientsPerRound {agg.clients_per_round}"
                 )
         return self
+
+    def parties(self) -> list[tuple[str, PartySpec]]:
+        """(field path, party) of the aggregator and every client."""
+        return [("spec.aggregator", self.aggregator), *((f"spec.clients[{i}]", c) for i, c in enumerate(self.clients))]
+
+    def secret_refs(self) -> list[tuple[str, str]]:
+        """(field path, Secret name) of every Secret the run references."""
+        refs = [("spec.storage.secretRef", self.storage.secret_ref)]
+        for path, party in self.parties():
+            refs += [
+                (f"{path}.secretRef", party.secret_ref),
+                (f"{path}.signingKeySecretRef", party.signing_key_secret_ref),
+            ]
+        refs += [(f"spec.clients[{i}].data.secretRef", c.data.secret_ref) for i, c in enumerate(self.clients)]
+        return [(path, name) for path, name in refs if name]
 
     @property
     def clients_per_round(self) -> int:

@@ -99,11 +99,26 @@ def run(
     LocalRun(spec, output=output, fresh=fresh).run(live=live)
 
 
+ConfigDir = Annotated[
+    Path,
+    typer.Option(
+        "--config",
+        envvar="FEDTUNE_CONFIG",
+        help="Folder with resource.json and keys.json: the run's spec and pinned public keys.",
+    ),
+]
+SigningKey = Annotated[
+    Path,
+    typer.Option("--signing-key", envvar="FEDTUNE_SIGNING_KEY", help="This party's Ed25519 private key (PEM)."),
+]
+
+
 @app.command()
 @friendly
 def aggregator(
     run_root: RunRoot,
-    spec: Annotated[Path | None, typer.Option(help="Spec to publish if the run root has none yet.")] = None,
+    config: ConfigDir,
+    signing_key: SigningKey,
     metrics_port: MetricsPort = 0,
     run_name: RunName = "",
     namespace: Namespace = "",
@@ -111,21 +126,35 @@ def aggregator(
     """Aggregate rounds until the final adapter is written (the aggregator pod's command)."""
     _logging()
     from fedtune import metrics
-    from fedtune.api import load_resource
     from fedtune.federation.aggregator import Aggregator
+    from fedtune.federation.records import Ledger
+    from fedtune.federation.run_config import RunConfig
+    from fedtune.federation.signing import AGGREGATOR
     from fedtune.storage import open_store
 
-    resource = load_resource(spec) if spec else None
+    cfg = RunConfig.load(config)
+    signer = cfg.signer(AGGREGATOR, signing_key)
     metrics.serve(metrics_port)
-    store = open_store(run_root, endpoint=resource.spec.storage.endpoint if resource else None)
-    Aggregator(store, resource.spec if resource else None, run=(namespace, run_name)).run()
+    spec = cfg.resource.spec
+    ledger = Ledger(open_store(run_root, endpoint=spec.storage.endpoint), cfg.trust, signer)
+    Aggregator(ledger, spec, run=(namespace, run_name)).run()
 
 
 @app.command()
 @friendly
 def client(
     run_root: RunRoot,
+    config: ConfigDir,
+    signing_key: SigningKey,
     name: Annotated[str, typer.Option("--name", envvar="FEDTUNE_CLIENT", help="This client's name in spec.clients.")],
+    data_credentials: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-credentials",
+            envvar="FEDTUNE_DATA_CREDENTIALS",
+            help="Folder with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY files for this client's data.",
+        ),
+    ] = None,
     metrics_port: MetricsPort = 0,
     run_name: RunName = "",
     namespace: Namespace = "",
@@ -134,10 +163,144 @@ def client(
     _logging()
     from fedtune import metrics
     from fedtune.federation.client import Client
+    from fedtune.federation.records import Ledger
+    from fedtune.federation.run_config import RunConfig
     from fedtune.storage import open_store
 
+    cfg = RunConfig.load(config)
+    signer = cfg.client_signer(name, signing_key)
     metrics.serve(metrics_port)
-    Client(open_store(run_root), name, run=(namespace, run_name)).run()
+    spec = cfg.resource.spec
+    ledger = Ledger(open_store(run_root, endpoint=spec.storage.endpoint), cfg.trust, signer)
+    creds = _credentials(data_credentials) if data_credentials else None
+    Client(ledger, spec, name, run=(namespace, run_name), data_credentials=creds).run()
+
+
+def _credentials(folder: Path) -> tuple[str, str]:
+    """An access key pair from a mounted Secret's files."""
+    try:
+        return tuple(  # type: ignore[return-value]
+            (folder / k).read_text().strip() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        )
+    except OSError as e:
+        raise FedtuneError(f"--data-credentials {folder}: cannot read {e.filename}: {e.strerror}") from None
+
+
+@app.command()
+@friendly
+def keygen(
+    name: Annotated[str, typer.Argument(help="Name of the Secret that will hold the private key.")],
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="The Secret's namespace.")] = None,
+) -> None:
+    """Print a new Ed25519 key pair: a Secret manifest with the private key, and the public key.
+
+    Apply the Secret in the party's namespace, then set the party's `publicKey` to the printed key and
+    its `signingKeySecretRef` to NAME.
+    """
+    import yaml
+
+    from fedtune.api.spec import CREDENTIALS_LABEL
+    from fedtune.federation import signing
+
+    key = signing.generate()
+    public = signing.encode_public(key.public_key())
+    meta: dict[str, object] = {
+        "name": name,
+        "labels": {CREDENTIALS_LABEL: "true"},
+        "annotations": {"fedtune.io/public-key": public},
+    }
+    if namespace:
+        meta["namespace"] = namespace
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": meta,
+        "type": "Opaque",
+        "stringData": {signing.KEY_FILE: signing.private_pem(key)},
+    }
+    typer.echo(f"# publicKey: {public}")
+    typer.echo(yaml.safe_dump(secret, sort_keys=False), nl=False)
+    err.print(f"publicKey: {public}", markup=False, highlight=False)
+
+
+@app.command()
+@friendly
+def verify(
+    run_root: Annotated[str, typer.Argument(help="The run's root: a local run folder or s3://bucket/prefix/...")],
+    keys: Annotated[
+        Path | None,
+        typer.Option(help="keys.json with the run's pinned public keys (default: RUN_ROOT/config/keys.json)."),
+    ] = None,
+    endpoint: Annotated[str | None, typer.Option(help="S3 endpoint URL.")] = None,
+) -> None:
+    """Check every signature, digest and link of a run; print the final adapter's digest.
+
+    Exits 1 naming the first object that fails.
+    """
+    from fedtune.federation.records import Ledger
+    from fedtune.federation.signing import Trust
+    from fedtune.federation.verify import verify_run
+    from fedtune.storage import open_store
+
+    store = open_store(run_root, endpoint=endpoint)
+    if keys is None:
+        from fedtune.storage.local_fs import FileStore
+
+        if not isinstance(store, FileStore):
+            raise FedtuneError(f"{run_root}: pass --keys with the run's keys.json (from its spec ConfigMap)")
+        keys = store.root / "config" / "keys.json"
+    try:
+        trust = Trust.from_json(keys.read_text(), str(keys))
+    except OSError as e:
+        raise FedtuneError(f"--keys {keys}: cannot read: {e.strerror}") from None
+    out = verify_run(Ledger(store, trust))
+    epochs = sorted(set(out.epochs))
+    typer.echo(
+        f"{store.uri}: {out.globals} globals, {out.updates} updates, {out.evals} evaluations verified "
+        f"(aggregator lease epochs {', '.join(map(str, epochs))})"
+    )
+    if out.final is None:
+        typer.echo(f"running: round {out.globals - 1} is the latest committed global")
+    else:
+        typer.echo(f"final adapter sha256: {out.final.adapter_sha256}")
+
+
+@app.command()
+@friendly
+def policy(
+    spec: Annotated[Path, typer.Argument(help="FederatedFineTune YAML file.")],
+    uid: Annotated[
+        str | None, typer.Option(help="The resource's uid (kubectl get fft NAME -o jsonpath={.metadata.uid}).")
+    ] = None,
+    run_root: Annotated[
+        str | None, typer.Option(help="The run root, when not on Kubernetes (fedtune run over S3).")
+    ] = None,
+    principal: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="PARTY=NAME: the storage account of a party (aggregator or a client); default: the party's name."
+        ),
+    ] = None,
+) -> None:
+    """Print the S3 bucket policy that confines each party of a run to its own prefix."""
+    import json
+
+    from fedtune.api import load_resource
+    from fedtune.controller.builders import run_root as k8s_run_root
+    from fedtune.federation.policy import bucket_policy
+
+    res = load_resource(spec)
+    names = {"aggregator": "aggregator", **{c.name: c.name for c in res.spec.clients}}
+    for item in principal or []:
+        party, sep, account = item.partition("=")
+        if not sep or party not in names:
+            raise FedtuneError(f"--principal {item}: expected PARTY=NAME with PARTY one of {', '.join(names)}")
+        names[party] = account
+    if run_root is None:
+        res.metadata.uid = uid or "*"
+        run_root = k8s_run_root(res)
+    aggregator_account = names.pop("aggregator")
+    typer.echo(json.dumps(bucket_policy(run_root, aggregator_account, names), indent=2))
 
 
 @app.command()

@@ -7,17 +7,19 @@ fixed name, so creating them again (a restarted operator, a re-applied resource)
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
-from fedtune.api.spec import API_GROUP, API_VERSION, KIND, ClientSpec, FederatedFineTune, PlacementSpec
+from fedtune.api.spec import API_GROUP, API_VERSION, KIND, ClientSpec, FederatedFineTune, ObjectMeta, PartySpec
+from fedtune.federation.run_config import KEYS_FILE, RESOURCE_FILE, resource_json
+from fedtune.federation.signing import AGGREGATOR, KEY_FILE, Trust, client_party
 from fedtune.storage import join
 
 Manifest = dict[str, Any]
 
 METRICS_PORT = 9090
-SPEC_MOUNT = "/etc/fedtune"
-SPEC_FILE = "resource.json"
+CONFIG_MOUNT = "/etc/fedtune"
+KEY_MOUNT = "/etc/fedtune-key"
+DATA_MOUNT = "/etc/fedtune-data"
 # Pods on a node that stops answering are evicted after this, not the default five minutes, so a
 # client is rescheduled in its pool while the round is still open.
 NOT_READY_TOLERATION_SECONDS = 30
@@ -46,6 +48,25 @@ def client_job_name(run: str, client: str) -> str:
 
 def spec_config_map_name(run: str) -> str:
     return child_name(run, "spec")
+
+
+def key_secret_name(run: str, party: str) -> str:
+    """The Secret holding the signing key the operator generated for a party without its own."""
+    return child_name(run, "key-" + party.replace(" ", "-"))
+
+
+def run_id(res: FederatedFineTune) -> str:
+    """What every signature of the run is bound to: a record cannot move to another run."""
+    return f"{res.metadata.namespace}/{res.metadata.name}/{res.metadata.uid}"
+
+
+def storage_secret(res: FederatedFineTune, party: PartySpec) -> str | None:
+    """A party's own storage credentials, or the run's default for a single-team run."""
+    return party.secret_ref or res.spec.storage.secret_ref
+
+
+def signing_secret(res: FederatedFineTune, party_name: str, party: PartySpec) -> str:
+    return party.signing_key_secret_ref or key_secret_name(res.metadata.name, party_name)
 
 
 def run_root(res: FederatedFineTune) -> str:
@@ -97,6 +118,8 @@ def _env(res: FederatedFineTune) -> list[Manifest]:
         {"name": "FEDTUNE_RUN_NAME", "value": res.metadata.name},
         {"name": "FEDTUNE_NAMESPACE", "value": res.metadata.namespace},
         {"name": "FEDTUNE_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "FEDTUNE_CONFIG", "value": CONFIG_MOUNT},
+        {"name": "FEDTUNE_SIGNING_KEY", "value": f"{KEY_MOUNT}/{KEY_FILE}"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
     ]
@@ -107,14 +130,14 @@ def _env(res: FederatedFineTune) -> list[Manifest]:
     return env
 
 
-def _resources(p: PlacementSpec) -> Manifest:
+def _resources(p: PartySpec) -> Manifest:
     amounts: dict[str, str] = {"cpu": p.resources.cpu, "memory": p.resources.memory}
     if p.resources.gpus:
         amounts["nvidia.com/gpu"] = str(p.resources.gpus)
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def _tolerations(p: PlacementSpec) -> list[Manifest]:
+def _tolerations(p: PartySpec) -> list[Manifest]:
     own = [t.model_dump(exclude_none=True) for t in p.tolerations]
     for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
         own.append(
@@ -123,13 +146,29 @@ def _tolerations(p: PlacementSpec) -> list[Manifest]:
     return own
 
 
-def _pod(res: FederatedFineTune, component: str, p: PlacementSpec, args: list[str], client: str | None) -> Manifest:
-    """A pod template meeting the restricted Pod Security Standard."""
-    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}]
-    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}]
-    if component == "aggregator":
-        volumes.append({"name": "spec", "configMap": {"name": spec_config_map_name(res.metadata.name)}})
-        mounts.append({"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True})
+def _volume(name: str, source: Manifest, path: str) -> tuple[Manifest, Manifest]:
+    return {"name": name, **source}, {"name": name, "mountPath": path, "readOnly": True}
+
+
+def _pod(res: FederatedFineTune, party_name: str, party: PartySpec, args: list[str]) -> Manifest:
+    """A pod template meeting the restricted Pod Security Standard, with this party's Secrets and no other's."""
+    component = "aggregator" if party_name == AGGREGATOR else "client"
+    client = party.name if isinstance(party, ClientSpec) else None
+    env = _env(res)
+    mounted = [
+        _volume("config", {"configMap": {"name": spec_config_map_name(res.metadata.name)}}, CONFIG_MOUNT),
+        _volume(
+            "signing-key",
+            {"secret": {"secretName": signing_secret(res, party_name, party), "defaultMode": 0o400}},
+            KEY_MOUNT,
+        ),
+    ]
+    if isinstance(party, ClientSpec) and party.data.secret_ref:
+        mounted.append(_volume("data-credentials", {"secret": {"secretName": party.data.secret_ref}}, DATA_MOUNT))
+        env.append({"name": "FEDTUNE_DATA_CREDENTIALS", "value": DATA_MOUNT})
+    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}, *(v for v, _ in mounted)]
+    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}, *(m for _, m in mounted)]
+    storage = storage_secret(res, party)
     pod: Manifest = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -146,16 +185,12 @@ def _pod(res: FederatedFineTune, component: str, p: PlacementSpec, args: list[st
                 "image": res.spec.image,
                 "command": ["fedtune", component],
                 "args": args,
-                "env": _env(res),
-                # The storage Secret's keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optionally
-                # AWS_ENDPOINT_URL) become the environment boto3 reads; they are never copied elsewhere.
-                **(
-                    {"envFrom": [{"secretRef": {"name": res.spec.storage.secret_ref}}]}
-                    if res.spec.storage.secret_ref
-                    else {}
-                ),
+                "env": env,
+                # This party's storage Secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optionally
+                # AWS_ENDPOINT_URL) becomes the environment boto3 reads; no other party's is mounted.
+                **({"envFrom": [{"secretRef": {"name": storage}}]} if storage else {}),
                 "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
-                "resources": _resources(p),
+                "resources": _resources(party),
                 "volumeMounts": mounts,
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
@@ -165,12 +200,12 @@ def _pod(res: FederatedFineTune, component: str, p: PlacementSpec, args: list[st
             }
         ],
         "volumes": volumes,
-        "tolerations": _tolerations(p),
+        "tolerations": _tolerations(party),
     }
-    if p.node_selector:
-        pod["nodeSelector"] = dict(p.node_selector)
-    if p.affinity:
-        pod["affinity"] = p.affinity
+    if party.node_selector:
+        pod["nodeSelector"] = dict(party.node_selector)
+    if party.affinity:
+        pod["affinity"] = party.affinity
     return {"metadata": {"labels": labels(res, component, client)}, "spec": pod}
 
 
@@ -192,29 +227,35 @@ def _job(res: FederatedFineTune, name: str, component: str, template: Manifest, 
 
 
 def aggregator_job(res: FederatedFineTune) -> Manifest:
-    spec_path = f"{SPEC_MOUNT}/{SPEC_FILE}"
-    template = _pod(res, "aggregator", res.spec.aggregator, ["--spec", spec_path], None)
+    template = _pod(res, AGGREGATOR, res.spec.aggregator, [])
     return _job(res, aggregator_name(res.metadata.name), "aggregator", template, None)
 
 
 def client_job(res: FederatedFineTune, client: ClientSpec) -> Manifest:
-    template = _pod(res, "client", client, ["--name", client.name], client.name)
+    template = _pod(res, client_party(client.name), client, ["--name", client.name])
     return _job(res, client_job_name(res.metadata.name, client.name), "client", template, client.name)
 
 
-def spec_config_map(res: FederatedFineTune) -> Manifest:
-    """The validated resource the aggregator publishes to storage as the run's spec.json."""
-    doc = {
-        "apiVersion": f"{API_GROUP}/{API_VERSION}",
-        "kind": KIND,
-        "metadata": {"name": res.metadata.name, "namespace": res.metadata.namespace},
-        "spec": res.spec.model_dump(mode="json", by_alias=True),
-    }
+def spec_config_map(res: FederatedFineTune, trust: Trust) -> Manifest:
+    """What every pod reads at start: the validated resource and the run's pinned public keys."""
+    meta = ObjectMeta(name=res.metadata.name, namespace=res.metadata.namespace, uid=res.metadata.uid)
+    doc = FederatedFineTune(metadata=meta, spec=res.spec)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(res, spec_config_map_name(res.metadata.name), "spec"),
-        "data": {SPEC_FILE: json.dumps(doc, indent=2, sort_keys=True)},
+        "data": {RESOURCE_FILE: resource_json(doc), KEYS_FILE: trust.to_json()},
+    }
+
+
+def key_secret(res: FederatedFineTune, party: str, private_pem: str) -> Manifest:
+    """A signing key the operator generated for one party of this run; mounted into that party's pod only."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(res, key_secret_name(res.metadata.name, party), "signing-key"),
+        "type": "Opaque",
+        "stringData": {KEY_FILE: private_pem},
     }
 
 
@@ -233,10 +274,10 @@ def metrics_service(res: FederatedFineTune) -> Manifest:
     }
 
 
-def children(res: FederatedFineTune) -> list[Manifest]:
-    """Everything a running (not suspended) run owns, in creation order."""
+def children(res: FederatedFineTune, trust: Trust) -> list[Manifest]:
+    """Everything a running (not suspended) run owns, in creation order (signing-key Secrets come before)."""
     return [
-        spec_config_map(res),
+        spec_config_map(res, trust),
         metrics_service(res),
         aggregator_job(res),
         *(client_job(res, c) for c in res.spec.clients),

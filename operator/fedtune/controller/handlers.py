@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from fedtune import metrics
 from fedtune.api import API_GROUP, API_VERSION, PLURAL, SpecError, parse_resource
 from fedtune.controller import status as st
-from fedtune.controller.reconcile import Kube, forget, reconcile
+from fedtune.controller.reconcile import Kube, forget, forget_trust, reconcile
 
 log = logging.getLogger("fedtune.operator")
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
@@ -144,3 +144,9 @@ def delete_storage(body: kopf.Body, **_: Any) -> None:
     res = parse_resource(_resource(body))
     removed = forget(kube(), res)
     log.info("deleted %d objects of %s/%s from storage", removed, res.metadata.namespace, res.metadata.name)
+
+
+@kopf.on.delete(*RESOURCE, optional=True)
+def deleted(body: kopf.Body, **_: Any) -> None:
+    """Drop what the operator kept in memory about a run."""
+    forget_trust(parse_resource(_resource(body)))

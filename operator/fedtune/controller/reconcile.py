@@ -7,17 +7,34 @@ created only if absent, and removed only when the spec says so (suspend) or the 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import logging
+import os
 from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from fedtune.api.spec import FederatedFineTune
+from fedtune.api.spec import CREDENTIALS_LABEL, FederatedFineTune
 from fedtune.controller import builders
 from fedtune.controller.status import TERMINAL, Observed, Progress
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
+from fedtune.federation.records import Ledger
+from fedtune.federation.run_config import KEYS_FILE
+from fedtune.federation.signing import (
+    AGGREGATOR,
+    KEY_FILE,
+    InvalidKey,
+    SignatureError,
+    Trust,
+    check_pair,
+    client_party,
+    encode_public,
+    generate,
+    parse_private,
+    private_pem,
+)
 from fedtune.storage import ObjectStore, open_store
 
 log = logging.getLogger("fedtune.operator")
@@ -25,6 +42,9 @@ log = logging.getLogger("fedtune.operator")
 Obj = dict[str, Any]
 # The operator only reads status from storage: a short retry keeps one slow bucket from stalling a tick.
 STORAGE_RETRY_SECONDS = 5.0
+STORAGE_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# A run's pinned keys never change once its ConfigMap exists: kept per resource uid.
+_trust: dict[str, Trust] = {}
 
 
 class Kube:
@@ -47,6 +67,8 @@ class Kube:
                 self.core.create_namespaced_config_map(ns, manifest)
             elif kind == "Service":
                 self.core.create_namespaced_service(ns, manifest)
+            elif kind == "Secret":
+                self.core.create_namespaced_secret(ns, manifest)
             else:
                 raise FedtuneError(f"cannot create a {kind}")
         except ApiException as e:
@@ -70,21 +92,31 @@ class Kube:
         found = self.core.list_namespaced_pod(namespace, label_selector=f"{builders.RUN_LABEL}={run}")
         return [self.api.sanitize_for_serialization(pod) for pod in found.items]
 
-    def secret(self, namespace: str, name: str) -> dict[str, str] | None:
+    def credentials(self, namespace: str, only: str | None = None) -> dict[str, dict[str, str]]:
+        """Data of the Secrets labelled for fedtune (or of the one named `only`), by name.
+
+        Selected by label on the server, so the operator never receives an unlabelled Secret's data.
+        """
+        fields = f"metadata.name={only}" if only else None
+        found = self.core.list_namespaced_secret(namespace, label_selector=CREDENTIALS_LABEL, field_selector=fields)
+        return {
+            s.metadata.name: {k: base64.b64decode(v).decode() for k, v in (s.data or {}).items()} for s in found.items
+        }
+
+    def config_map(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
-            s = self.core.read_namespaced_secret(name, namespace)
+            return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
-        return {k: base64.b64decode(v).decode() for k, v in (s.data or {}).items()}
 
 
 def run_store(res: FederatedFineTune, secret: dict[str, str] | None) -> ObjectStore:
-    """The run's root in storage, reached with the credentials of the run's Secret."""
+    """The run's root in storage, reached with the coordinator's credentials (the aggregator's Secret)."""
     storage = res.spec.storage
     creds = None
-    if secret and "AWS_ACCESS_KEY_ID" in secret and "AWS_SECRET_ACCESS_KEY" in secret:
+    if secret and set(STORAGE_KEYS) <= set(secret):
         creds = (secret["AWS_ACCESS_KEY_ID"], secret["AWS_SECRET_ACCESS_KEY"])
     endpoint = storage.endpoint or (secret or {}).get("AWS_ENDPOINT_URL")
     return open_store(
@@ -96,22 +128,123 @@ def run_store(res: FederatedFineTune, secret: dict[str, str] | None) -> ObjectSt
     )
 
 
-def read_progress(store: ObjectStore, hint: int | None = None) -> Progress:
+def coordinator_secret(kube: Kube, res: FederatedFineTune) -> dict[str, str] | None:
+    name = builders.storage_secret(res, res.spec.aggregator)
+    return kube.credentials(res.metadata.namespace, name).get(name) if name else None
+
+
+def read_progress(ledger: Ledger, hint: int | None = None) -> Progress:
     """The run's committed rounds, last summary and final summary; `hint`: rounds known committed."""
-    committed = p.latest_global(store, hint)
-    final = p.read_record(store, p.FINAL_SUMMARY, p.FinalSummary)
-    last = p.read_record(store, p.summary(committed - 1), p.RoundSummary) if committed else None
+    committed = ledger.latest_global(hint)
+    final = ledger.final()
+    last = ledger.summary(committed - 1) if committed else None
     return Progress(committed=committed, final=final, last=last)
 
 
 def forget(kube: Kube, res: FederatedFineTune) -> int:
     """Delete every object under the run's root (spec.storage.keep: false); returns how many."""
-    secret = kube.secret(res.metadata.namespace, res.spec.storage.secret_ref) if res.spec.storage.secret_ref else None
-    store = run_store(res, secret)
+    store = run_store(res, coordinator_secret(kube, res))
     keys = store.list()
     for key in keys:
         store.delete(key)
     return len(keys)
+
+
+def allowed_images() -> list[str]:
+    """Image patterns the chart allows (values.allowedImages); empty allows any."""
+    return os.environ.get("FEDTUNE_ALLOWED_IMAGES", "").replace(",", " ").split()
+
+
+def admission(res: FederatedFineTune, secrets: dict[str, dict[str, str]]) -> tuple[str, str] | None:
+    """What keeps this run's pods from being created, as (reason, message naming the field), or None."""
+    spec, ns = res.spec, res.metadata.namespace
+    allowed = allowed_images()
+    if allowed and not any(fnmatch.fnmatchcase(spec.image, pat) for pat in allowed):
+        return (
+            "ImageNotAllowed",
+            f"spec.image: {spec.image} is not among the operator's allowedImages ({', '.join(allowed)})",
+        )
+    for path, name in spec.secret_refs():
+        data = secrets.get(name)
+        if data is None:
+            return "SecretNotFound", (
+                f"{path}: Secret {ns}/{name} not found, or not labelled {CREDENTIALS_LABEL} (the operator reads "
+                f"only labelled Secrets: kubectl label secret {name} {CREDENTIALS_LABEL}=true)"
+            )
+        need = (KEY_FILE,) if path.endswith("signingKeySecretRef") else STORAGE_KEYS
+        if not set(need) <= set(data):
+            return "SecretInvalid", f"{path}: Secret {ns}/{name} needs keys {' and '.join(need)}"
+    for path, party in spec.parties():
+        if party.public_key and party.signing_key_secret_ref:
+            pem = secrets[party.signing_key_secret_ref][KEY_FILE]
+            try:
+                check_pair(
+                    parse_private(pem, f"{path}.signingKeySecretRef"),
+                    party.public_key,
+                    f"{path}.publicKey",
+                    f"Secret {ns}/{party.signing_key_secret_ref}",
+                )
+            except InvalidKey as e:
+                return "KeyMismatch", str(e)
+    return None
+
+
+def identities(kube: Kube, res: FederatedFineTune, secrets: dict[str, dict[str, str]]) -> Trust:
+    """The run's pinned public keys: each party's own publicKey, or a key pair generated once for the run.
+
+    Generated private keys go into one Secret per party (owned by the run, mounted into that party's pod
+    only); a Secret that already exists (a restarted operator) is reused, never replaced.
+    """
+    spec, meta = res.spec, res.metadata
+    keys: dict[str, str] = {}
+    for party_name, party in [(AGGREGATOR, spec.aggregator), *((client_party(c.name), c) for c in spec.clients)]:
+        if party.public_key:
+            keys[party_name] = party.public_key
+            continue
+        name = builders.key_secret_name(meta.name, party_name)
+        pem = (secrets.get(name) or {}).get(KEY_FILE)
+        if pem is None:
+            key = generate()
+            pem = private_pem(key)
+            if not kube.create(builders.key_secret(res, party_name, pem)):
+                pem = kube.credentials(meta.namespace, name)[name][KEY_FILE]
+        keys[party_name] = encode_public(parse_private(pem, f"Secret {meta.namespace}/{name}").public_key())
+    clients = {c.name: keys[client_party(c.name)] for c in spec.clients}
+    return Trust(run=builders.run_id(res), aggregator=keys[AGGREGATOR], clients=clients)
+
+
+def pinned_trust(kube: Kube, res: FederatedFineTune) -> Trust | None:
+    """The keys in the run's ConfigMap (what its pods verify with), once it exists."""
+    uid = res.metadata.uid or ""
+    if uid not in _trust:
+        data = kube.config_map(res.metadata.namespace, builders.spec_config_map_name(res.metadata.name))
+        if not data or KEYS_FILE not in data:
+            return None
+        _trust[uid] = Trust.from_json(data[KEYS_FILE], f"ConfigMap {builders.spec_config_map_name(res.metadata.name)}")
+    return _trust[uid]
+
+
+def forget_trust(res: FederatedFineTune) -> None:
+    _trust.pop(res.metadata.uid or "", None)
+
+
+def _ensure_children(kube: Kube, res: FederatedFineTune, observed: Observed) -> None:
+    """Check admission, then create what is missing; a no-op (no API call) while every Job exists."""
+    meta = res.metadata
+    wanted = {
+        builders.aggregator_name(meta.name),
+        *(builders.client_job_name(meta.name, c.name) for c in res.spec.clients),
+    }
+    if wanted <= set(observed.jobs):
+        return
+    secrets = kube.credentials(meta.namespace)
+    observed.blocked = admission(res, secrets)
+    if observed.blocked is not None:
+        return
+    trust = pinned_trust(kube, res) or identities(kube, res, secrets)
+    for manifest in builders.children(res, trust):
+        if kube.create(manifest):
+            log.info("created %s %s/%s", manifest["kind"], meta.namespace, manifest["metadata"]["name"])
 
 
 def reconcile(kube: Kube, res: FederatedFineTune, generation: int, old_status: Obj) -> Observed:
@@ -120,39 +253,28 @@ def reconcile(kube: Kube, res: FederatedFineTune, generation: int, old_status: O
     ns, name = meta.namespace, meta.name
     observed = Observed(resource=res, generation=generation, old=old_status)
 
-    secret: dict[str, str] | None = None
-    if spec.storage.secret_ref:
-        secret = kube.secret(ns, spec.storage.secret_ref)
-        if secret is None:
-            observed.blocked = (
-                "SecretNotFound",
-                f"spec.storage.secretRef: Secret {ns}/{spec.storage.secret_ref} not found",
-            )
-        elif not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret):
-            observed.blocked = (
-                "SecretInvalid",
-                f"spec.storage.secretRef: Secret {ns}/{spec.storage.secret_ref} needs keys "
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
-            )
-
+    trust = pinned_trust(kube, res)
     try:
-        observed.progress = read_progress(run_store(res, secret), old_status.get("completedRounds"))
+        store = run_store(res, coordinator_secret(kube, res))
+        if trust is None:
+            store.exists(p.global_marker(0))  # reachable before any pod starts
+        else:
+            observed.progress = read_progress(Ledger(store, trust), old_status.get("completedRounds"))
+    except SignatureError as e:
+        observed.storage_error = f"a record was rejected: {e}"
     except FedtuneError as e:
         observed.storage_error = str(e)
     observed.jobs = kube.jobs(ns, name)
-    if observed.storage_error and not observed.jobs and observed.blocked is None:
-        # Pods that cannot reach their bucket would only crash-loop: wait for storage instead.
-        observed.blocked = ("StorageUnreachable", observed.storage_error)
 
     finished = old_status.get("state") in TERMINAL or observed.progress.final is not None
     if spec.suspend or (finished and observed.progress.final is None):
         for job in (builders.aggregator_name(name), *(builders.client_job_name(name, c.name) for c in spec.clients)):
             kube.delete_job(ns, job)
-    elif not finished and observed.blocked is None:
-        for manifest in builders.children(res):
-            if kube.create(manifest):
-                log.info("created %s %s/%s", manifest["kind"], ns, manifest["metadata"]["name"])
-
-    observed.jobs = kube.jobs(ns, name)
+    elif not finished:
+        _ensure_children(kube, res, observed)
+        observed.jobs = kube.jobs(ns, name)
+    if observed.storage_error and not observed.jobs and observed.blocked is None:
+        # Pods that cannot reach their bucket would only crash-loop: wait for storage instead.
+        observed.blocked = ("StorageUnreachable", observed.storage_error)
     observed.pods = kube.pods(ns, name)
     return observed

@@ -21,9 +21,10 @@ from fedtune.aggregation.validation import update_norm, validate_update
 from fedtune.api import FederatedFineTuneSpec
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
-from fedtune.federation.run_store import poll, publish_spec, read_spec
+from fedtune.federation.lease import Lease, LeaseLost
+from fedtune.federation.polling import poll
+from fedtune.federation.records import Ledger
 from fedtune.privacy import ClientLevelDP
-from fedtune.storage import ObjectStore
 from fedtune.training.model import adapter_state, build_model, load_adapter, trainable_keys
 from fedtune.training.tokenizer import build_tokenizer
 
@@ -45,13 +46,10 @@ class Collected:
 class Aggregator:
     """Runs one federation from its store; `run()` returns once the final adapter is written."""
 
-    def __init__(
-        self, store: ObjectStore, spec: FederatedFineTuneSpec | None = None, run: tuple[str, str] = ("", "")
-    ) -> None:
-        self.store = store
-        if spec is not None:
-            publish_spec(store, spec)
-        self.spec = read_spec(store)
+    def __init__(self, ledger: Ledger, spec: FederatedFineTuneSpec, run: tuple[str, str] = ("", "")) -> None:
+        self.ledger, self.store = ledger, ledger.store
+        self.spec = spec
+        self.lease = Lease(ledger)
         self.labels = run
         self.strategy = make_strategy(self.spec.aggregation)
         self.tokenizer = build_tokenizer(self.spec)
@@ -83,52 +81,75 @@ class Aggregator:
 
     # --- publishing -------------------------------------------------------------------------------
 
-    def publish_global(self, r: int, state: State, server_state: State, final: bool = False) -> p.GlobalMarker:
+    def publish_global(
+        self,
+        r: int,
+        state: State,
+        server_state: State,
+        final: bool = False,
+        parent: p.GlobalMarker | None = None,
+        summary_sha256: str | None = None,
+    ) -> p.GlobalMarker:
         """Write round r's global (and server state), then commit its marker; a no-op if committed."""
-        existing = p.read_record(self.store, p.global_marker(r), p.GlobalMarker)
+        existing = self.ledger.global_marker(r)
         if existing is not None:
             return existing
         data = save_state(state)
-        self.store.put(p.global_data(r), data)
+        digest = p.sha256(data)
+        self.ledger.put_data(p.global_data(r, digest), data)
         state_sha = None
         if server_state:
             sdata = save_state(server_state)
-            self.store.put(p.server_state(r), sdata)
             state_sha = p.sha256(sdata)
+            self.ledger.put_data(p.server_state(r, state_sha), sdata)
         names = [c.name for c in self.spec.clients]
         selected = names if final else p.select_clients(names, self.spec.clients_per_round, self.spec.seed, r)
         marker = p.GlobalMarker(
             round=r,
-            sha256=p.sha256(data),
+            sha256=digest,
+            parent_sha256=parent.sha256 if parent else None,
+            summary_sha256=summary_sha256,
             selected=selected,
             deadline=time.time() + self.spec.aggregation.round_timeout_seconds,
             final=final,
             server_state_sha256=state_sha,
+            epoch=self.lease.epoch,
             created=time.time(),
         )
-        if not self.store.put_if_absent(p.global_marker(r), p.dumps(marker)):
-            return self.read_global_marker(r)
+        self.lease.check()
+        if not self.ledger.commit(p.global_marker(r), marker):
+            return self._lost_race(r)
         log.info("round %d: global committed (%s)", r, "final" if final else f"selected {', '.join(selected)}")
         return marker
 
+    def _lost_race(self, r: int) -> p.GlobalMarker:
+        """Another aggregator committed round r first: continue from its marker unless it holds a later lease."""
+        theirs = self.read_global_marker(r)
+        if theirs.epoch > self.lease.epoch:
+            raise LeaseLost(f"round {r} was committed under lease epoch {theirs.epoch} > {self.lease.epoch}; stopping")
+        log.warning("round %d: committed first by a stale aggregator (epoch %d); continuing from it", r, theirs.epoch)
+        return theirs
+
     def read_global_marker(self, r: int) -> p.GlobalMarker:
-        marker = p.read_record(self.store, p.global_marker(r), p.GlobalMarker)
+        marker = self.ledger.global_marker(r)
         if marker is None:
             raise FedtuneError(f"{self.store.url(p.global_marker(r))}: missing")
         return marker
 
     def load_global(self, marker: p.GlobalMarker) -> tuple[State, State]:
-        state = load_state(p.read_verified(self.store, p.global_data(marker.round), marker.sha256))
-        server: State = {}
-        if marker.server_state_sha256:
-            server = load_state(p.read_verified(self.store, p.server_state(marker.round), marker.server_state_sha256))
-        return state, server
+        state = load_state(self.ledger.global_bytes(marker))
+        raw = self.ledger.server_state_bytes(marker)
+        return state, (load_state(raw) if raw is not None else {})
 
     # --- collecting -------------------------------------------------------------------------------
 
-    def _read_update(self, r: int, client: str, marker: p.UpdateMarker, reference: State) -> State:
+    def _read_update(self, gm: p.GlobalMarker, client: str, marker: p.UpdateMarker, reference: State) -> State:
         """The decoded update, or FedtuneError with the reason it must be rejected."""
-        data = p.read_verified(self.store, p.update_data(r, client), marker.sha256)
+        if marker.global_sha256 != gm.sha256:
+            raise FedtuneError(
+                f"trained on global {marker.global_sha256[:12]}…, not round {gm.round}'s {gm.sha256[:12]}…"
+            )
+        data = self.ledger.update_bytes(gm.round, client, marker)
         try:
             delta = decode(data)
         except Exception as e:  # any undecodable payload is the client's fault, never the aggregator's
@@ -143,14 +164,16 @@ class Aggregator:
             if client in seen.resolved():
                 continue
             try:
-                marker = p.read_record(self.store, p.update_marker(gm.round, client), p.UpdateMarker)
+                marker = self.ledger.update_marker(gm.round, client)
             except FedtuneError as e:
                 seen.rejected[client] = str(e)
+                log.warning("round %d: rejected update of %s: %s", gm.round, client, e)
+                metrics.UPDATES_REJECTED.labels(*self.labels, client).inc()
                 continue
             if marker is None:
                 continue
             try:
-                delta = self._read_update(gm.round, client, marker, reference)
+                delta = self._read_update(gm, client, marker, reference)
             except FedtuneError as e:
                 seen.rejected[client] = str(e)
                 log.warning("round %d: rejected update of %s: %s", gm.round, client, e)
@@ -175,11 +198,11 @@ class Aggregator:
         poll(done, what=f"updates of round {gm.round}")
         return seen
 
-    def _stream(self, r: int, seen: Collected, reference: State) -> Iterator[ClientUpdate]:
+    def _stream(self, gm: p.GlobalMarker, seen: Collected, reference: State) -> Iterator[ClientUpdate]:
         """Accepted updates, loaded one at a time so memory stays flat in the number of clients."""
         for client, marker in sorted(seen.accepted.items()):
             try:
-                delta = self._read_update(r, client, marker, reference)
+                delta = self._read_update(gm, client, marker, reference)
             except FedtuneError as e:
                 seen.rejected[client] = str(e)
                 continue
@@ -196,7 +219,7 @@ class Aggregator:
         seen = self.collect(gm, reference)
         accepted = dict(seen.accepted)
         if len(accepted) >= self.spec.aggregation.min_clients:
-            updates: Iterator[ClientUpdate] = self._stream(r, seen, reference)
+            updates: Iterator[ClientUpdate] = self._stream(gm, seen, reference)
             if self.dp is not None:
                 clipped = ((u.delta, seen.norms[u.client]) for u in updates)
                 mean, server = self.dp.private_mean(clipped, r, server)
@@ -207,8 +230,10 @@ class Aggregator:
             new_state, new_server = state, server
         participants = sorted(c for c in accepted if c not in seen.rejected)
         summary = self._summary(gm, seen, participants)
-        self.store.put(p.summary(r), p.dumps(summary))
-        self.publish_global(r + 1, new_state, new_server, final=self._last_round(r + 1))
+        self.lease.check()
+        digest = self.ledger.put_summary(summary)
+        final = self._last_round(r + 1)
+        self.publish_global(r + 1, new_state, new_server, final=final, parent=gm, summary_sha256=digest)
         self._observe(summary, {c: accepted[c].bytes for c in participants})
 
     def _summary(self, gm: p.GlobalMarker, seen: Collected, participants: list[str]) -> p.RoundSummary:
@@ -266,49 +291,91 @@ class Aggregator:
 
     def finalize(self, gm: p.GlobalMarker) -> p.FinalSummary:
         """Collect the clients' evaluation of the final global, then write the PEFT adapter and summary."""
-        done = p.read_record(self.store, p.FINAL_SUMMARY, p.FinalSummary)
+        done = self.ledger.final()
         if done is not None:
             return done
         evals = self._collect_evals(gm)
         state, _ = self.load_global(gm)
         load_adapter(self.model, state)
+        files: dict[str, bytes] = {}
         with tempfile.TemporaryDirectory() as tmp:
             self.model.save_pretrained(tmp)
-            for name in ("adapter_model.safetensors", "adapter_config.json"):
-                self.store.put(f"final/{name}", (Path(tmp) / name).read_bytes())
+            for key in (p.FINAL_ADAPTER, p.FINAL_CONFIG):
+                files[key] = (Path(tmp) / key.rsplit("/", 1)[1]).read_bytes()
+        self.lease.check()
+        for key, data in files.items():
+            # The same final global always saves to the same bytes, so a racing writer cannot make them differ.
+            self.store.put(key, data)
         total = sum(e.eval_examples for e in evals.values())
         final = p.FinalSummary(
             rounds=gm.round,
             eval_loss=sum(e.eval_loss * e.eval_examples for e in evals.values()) / total if total else None,
             client_eval_loss={c: e.eval_loss for c, e in sorted(evals.items())},
-            adapter=self.store.url("final"),
+            adapter=self.store.url(p.FINAL),
+            adapter_sha256=p.sha256(files[p.FINAL_ADAPTER]),
+            config_sha256=p.sha256(files[p.FINAL_CONFIG]),
+            chain=self._chain(gm),
             stopped_early=self._stop_reason(gm.round),
+            epoch=self.lease.epoch,
         )
         if final.stopped_early:
             log.warning("%s", final.stopped_early)
-        self.store.put_if_absent(p.FINAL_SUMMARY, p.dumps(final))
+        self.lease.check()
+        if not self.ledger.commit(p.FINAL_SUMMARY, final):
+            final = self.ledger.final() or final
         if final.eval_loss is not None:
             metrics.EVAL_LOSS.labels(*self.labels).set(final.eval_loss)
-        log.info("final adapter written to %s", final.adapter)
+        log.info("final adapter written to %s (sha256 %s)", final.adapter, final.adapter_sha256)
         return final
+
+    def _chain(self, last: p.GlobalMarker) -> list[str]:
+        """sha256 of every global from round 0 to `last`, checking each parent link on the way."""
+        chain = [last.sha256]
+        marker = last
+        while marker.round > 0:
+            parent = self.read_global_marker(marker.round - 1)
+            if marker.parent_sha256 != parent.sha256:
+                raise FedtuneError(f"{self.store.url(p.global_marker(marker.round))}: parent link broken")
+            chain.append(parent.sha256)
+            marker = parent
+        return chain[::-1]
 
     def _collect_evals(self, gm: p.GlobalMarker) -> dict[str, p.EvalMarker]:
         evals: dict[str, p.EvalMarker] = {}
+        evals_rejected: set[str] = set()
 
         def done() -> bool | None:
             for c in gm.selected:
                 if c not in evals:
-                    e = p.read_record(self.store, p.eval_marker(gm.round, c), p.EvalMarker)
-                    if e is not None:
+                    try:
+                        e = self.ledger.eval_marker(gm.round, c)
+                    except FedtuneError as err:
+                        log.warning("final evaluation of %s rejected: %s", c, err)
+                        evals_rejected.add(c)
+                        continue
+                    if e is not None and e.global_sha256 == gm.sha256:
                         evals[c] = e
-            return True if len(evals) == len(gm.selected) or time.time() >= gm.deadline else None
+            answered = len(evals) + len(evals_rejected) == len(gm.selected)
+            return True if answered or time.time() >= gm.deadline else None
 
         poll(done, what="final evaluations")
         return evals
 
-    def run(self) -> p.FinalSummary:
+    def run(self) -> p.FinalSummary | None:
+        """Aggregate under the lease until the final adapter is written; None if another aggregator finished."""
         metrics.ROUNDS_TOTAL.labels(*self.labels).set(self.rounds)
-        latest = p.latest_global(self.store)
+        if not self.lease.acquire(done=lambda: self.store.exists(p.FINAL_SUMMARY)):
+            log.info("the run was finished by another aggregator; nothing to do")
+            return None
+        try:
+            return self._rounds()
+        finally:
+            self.lease.release()
+
+    def _rounds(self) -> p.FinalSummary:
+        self.lease.check()
+        self.ledger.store.put(p.SPEC, self.ledger.signed(p.SPEC, p.SpecRecord(spec=_spec_doc(self.spec))))
+        latest = self.ledger.latest_global()
         if latest is None:
             self.publish_global(0, adapter_state(self.model), {}, final=self._last_round(0))
             latest = 0
@@ -320,6 +387,11 @@ class Aggregator:
                 return self.finalize(gm)
             self.close_round(gm)
             latest += 1
+
+
+def _spec_doc(spec: FederatedFineTuneSpec) -> dict[str, object]:
+    doc: dict[str, object] = spec.model_dump(mode="json", by_alias=True)
+    return doc
 
 
 def _weighted(pairs: list[tuple[float, float]]) -> float | None:

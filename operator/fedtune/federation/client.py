@@ -17,8 +17,8 @@ from fedtune.api import FederatedFineTuneSpec
 from fedtune.api.spec import Strategy
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
-from fedtune.federation.run_store import poll, wait_for_spec
-from fedtune.storage import ObjectStore
+from fedtune.federation.polling import poll
+from fedtune.federation.records import Ledger
 from fedtune.training import data as d
 from fedtune.training.model import adapter_state, build_model, load_adapter, trainable_keys
 from fedtune.training.tokenizer import build_tokenizer
@@ -30,14 +30,22 @@ log = logging.getLogger("fedtune.client")
 class Client:
     """One silo's trainer; `run()` returns after it has evaluated the final global."""
 
-    def __init__(self, store: ObjectStore, name: str, run: tuple[str, str] = ("", "")) -> None:
-        self.store, self.name = store, name
+    def __init__(
+        self,
+        ledger: Ledger,
+        spec: FederatedFineTuneSpec,
+        name: str,
+        run: tuple[str, str] = ("", ""),
+        data_credentials: tuple[str, str] | None = None,
+    ) -> None:
+        self.ledger, self.store, self.name = ledger, ledger.store, name
         self.labels = (*run, name)
-        self.spec: FederatedFineTuneSpec = wait_for_spec(store)
+        self.spec = spec
         names = [c.name for c in self.spec.clients]
         if name not in names:
             raise FedtuneError(f"client {name!r} is not in spec.clients ({', '.join(names)})")
         self.index = names.index(name)
+        self.data_credentials = data_credentials
         self.tokenizer = build_tokenizer(self.spec)
         self.train_set, self.eval_set = self._load_data()
         self.model = build_model(self.spec, self.tokenizer)
@@ -48,11 +56,12 @@ class Client:
         where = f"spec.clients[{self.index}].data"
         endpoint = self.spec.storage.endpoint
         max_len = self.spec.training.max_length
+        creds = self.data_credentials
         examples = d.tokenize(
-            d.read_jsonl(cs.data.uri, f"{where}.uri", endpoint), cs.data, self.tokenizer, max_len, where
+            d.read_jsonl(cs.data.uri, f"{where}.uri", endpoint, creds), cs.data, self.tokenizer, max_len, where
         )
         if cs.data.eval_uri:
-            held = d.read_jsonl(cs.data.eval_uri, f"{where}.evalUri", endpoint)
+            held = d.read_jsonl(cs.data.eval_uri, f"{where}.evalUri", endpoint, creds)
             return examples, d.tokenize(held, cs.data, self.tokenizer, max_len, where)
         return d.split(examples, cs.data.eval_fraction, self.spec.seed)
 
@@ -65,7 +74,7 @@ class Client:
         return evaluate(self.model, d.eval_batches(self.eval_set, t.batch_size, t.eval_batches, self.pad_id))
 
     def _load_global(self, gm: p.GlobalMarker) -> dict[str, Any]:
-        state = load_state(p.read_verified(self.store, p.global_data(gm.round), gm.sha256))
+        state = load_state(self.ledger.global_bytes(gm))
         load_adapter(self.model, state)
         return state
 
@@ -94,11 +103,13 @@ class Client:
         local = adapter_state(self.model)
         delta = {k: local[k].float() - state[k].float() for k in self.trainable}
         payload = encode(delta, str(agg.encoding))
-        self.store.put(p.update_data(gm.round, self.name), payload)
+        digest = p.sha256(payload)
+        self.ledger.put_data(p.update_data(gm.round, self.name, digest), payload)
         marker = p.UpdateMarker(
             client=self.name,
             round=gm.round,
-            sha256=p.sha256(payload),
+            sha256=digest,
+            global_sha256=gm.sha256,
             examples=len(self.train_set),
             steps=steps,
             encoding=str(agg.encoding),
@@ -110,7 +121,7 @@ class Client:
                 seconds=time.time() - started,
             ),
         )
-        self.store.put_if_absent(p.update_marker(gm.round, self.name), p.dumps(marker))
+        self.ledger.commit(p.update_marker(gm.round, self.name), marker)
         metrics.CLIENT_TRAIN_LOSS.labels(*self.labels).set(train_loss)
         metrics.CLIENT_STEPS.labels(*self.labels).inc(steps)
         log.info(
@@ -124,15 +135,17 @@ class Client:
     def evaluate_final(self, gm: p.GlobalMarker) -> None:
         self._load_global(gm)
         loss, tokens = self._evaluate()
-        record = p.EvalMarker(client=self.name, round=gm.round, eval_loss=loss, eval_examples=tokens)
-        self.store.put_if_absent(p.eval_marker(gm.round, self.name), p.dumps(record))
+        record = p.EvalMarker(
+            client=self.name, round=gm.round, global_sha256=gm.sha256, eval_loss=loss, eval_examples=tokens
+        )
+        self.ledger.commit(p.eval_marker(gm.round, self.name), record)
         log.info("final global: eval_loss=%.4f", loss)
 
     def run(self) -> None:
         seen = -1
         while True:
-            latest = poll(partial(_newer, self.store, seen), what="the next global")
-            gm = p.read_record(self.store, p.global_marker(latest), p.GlobalMarker)
+            latest = poll(partial(_newer, self.ledger, seen), what="the next global")
+            gm = self.ledger.global_marker(latest)
             assert gm is not None
             seen = latest
             if self.name not in gm.selected:
@@ -145,6 +158,6 @@ class Client:
                 self.train_round(gm)
 
 
-def _newer(store: ObjectStore, seen: int) -> int | None:
-    latest = p.latest_global(store, hint=seen)
+def _newer(ledger: Ledger, seen: int) -> int | None:
+    latest = ledger.latest_global(hint=seen)
     return latest if latest is not None and latest > seen else None

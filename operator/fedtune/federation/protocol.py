@@ -1,7 +1,8 @@
-"""The round protocol over object storage: object layout and commit markers (no torch here).
+"""The round protocol over object storage: object layout and records (no torch here).
 
-Data first, marker last: a reader trusts an object only once its marker exists and the sha256 in the
-marker matches. Markers are created with create-if-absent, so a committed round is never rewritten.
+One prefix per party: the coordinator writes `coordinator/`, client c writes `clients/c/`. Data first,
+marker last: a reader trusts an object only once a marker signed by the prefix's owner names its
+sha256. Markers are created with create-if-absent, so a committed round is never rewritten.
 """
 
 from __future__ import annotations
@@ -14,46 +15,69 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedtune.errors import FedtuneError
-from fedtune.storage import ObjectStore
 
-SPEC = "spec.json"
-FINAL_ADAPTER = "final/adapter_model.safetensors"
-FINAL_CONFIG = "final/adapter_config.json"
-FINAL_SUMMARY = "final/summary.json"
+COORDINATOR = "coordinator"
+CLIENTS = "clients"
+SPEC = f"{COORDINATOR}/spec.json"
+LEASES = f"{COORDINATOR}/lease"
+FINAL = f"{COORDINATOR}/final"
+FINAL_ADAPTER = f"{FINAL}/adapter_model.safetensors"
+FINAL_CONFIG = f"{FINAL}/adapter_config.json"
+FINAL_SUMMARY = f"{FINAL}/summary.json"
 
 M = TypeVar("M", bound=BaseModel)
 
+# Data objects are named by their sha256 (content-addressed) and reached through the marker that commits
+# them, so two writers racing on one round can never leave a marker naming bytes it did not hash.
+
 
 def round_dir(r: int) -> str:
-    return f"rounds/{r:06d}"
+    return f"{COORDINATOR}/rounds/{r:06d}"
 
 
-def global_data(r: int) -> str:
-    return f"{round_dir(r)}/global.safetensors"
+def global_data(r: int, digest: str) -> str:
+    return f"{round_dir(r)}/global.{digest}.safetensors"
 
 
 def global_marker(r: int) -> str:
     return f"{round_dir(r)}/global.json"
 
 
-def server_state(r: int) -> str:
-    return f"{round_dir(r)}/server_state.safetensors"
+def server_state(r: int, digest: str) -> str:
+    return f"{round_dir(r)}/server_state.{digest}.safetensors"
 
 
-def update_data(r: int, client: str) -> str:
-    return f"{round_dir(r)}/updates/{client}.safetensors"
+def summary(r: int, digest: str) -> str:
+    return f"{round_dir(r)}/summary.{digest}.json"
+
+
+def summary_name(r: int) -> str:
+    """What a round summary's signature covers: its key holds the digest of the signed bytes, so cannot."""
+    return f"{round_dir(r)}/summary.json"
+
+
+def client_dir(client: str) -> str:
+    return f"{CLIENTS}/{client}"
+
+
+def update_data(r: int, client: str, digest: str) -> str:
+    return f"{client_dir(client)}/rounds/{r:06d}/update.{digest}.safetensors"
 
 
 def update_marker(r: int, client: str) -> str:
-    return f"{round_dir(r)}/updates/{client}.json"
+    return f"{client_dir(client)}/rounds/{r:06d}/update.json"
 
 
 def eval_marker(r: int, client: str) -> str:
-    return f"{round_dir(r)}/evals/{client}.json"
+    return f"{client_dir(client)}/evals/{r:06d}.json"
 
 
-def summary(r: int) -> str:
-    return f"{round_dir(r)}/summary.json"
+def lease_claim(epoch: int) -> str:
+    return f"{LEASES}/{epoch:06d}.json"
+
+
+def lease_beat(epoch: int) -> str:
+    return f"{LEASES}/{epoch:06d}.beat"
 
 
 def sha256(data: bytes) -> str:
@@ -67,14 +91,17 @@ class Record(BaseModel):
 
 
 class GlobalMarker(Record):
-    """Commits the global adapter entering round `round`."""
+    """Commits the global adapter entering round `round`, and links it to its parent."""
 
     round: int
     sha256: str
+    parent_sha256: str | None = Field(None, description="The previous round's global; None for round 0.")
+    summary_sha256: str | None = Field(None, description="The record of the round that made this global.")
     selected: list[str]
     deadline: float = Field(description="Unix time after which the round may close with minClients updates.")
     final: bool = False
     server_state_sha256: str | None = None
+    epoch: int = Field(description="The aggregator lease this marker was committed under.")
     created: float
 
 
@@ -86,11 +113,12 @@ class ClientMetrics(Record):
 
 
 class UpdateMarker(Record):
-    """Commits one client's update for one round."""
+    """Commits one client's update for one round, trained on the global named by `global_sha256`."""
 
     client: str
     round: int
     sha256: str
+    global_sha256: str
     examples: int
     steps: int
     encoding: str = "fp32"
@@ -103,6 +131,7 @@ class EvalMarker(Record):
 
     client: str
     round: int
+    global_sha256: str
     eval_loss: float
     eval_examples: int
 
@@ -129,53 +158,55 @@ class RoundSummary(Record):
 
 
 class FinalSummary(Record):
+    """The run's result: the adapter's digests and the chain of globals that led to it."""
+
     rounds: int
     eval_loss: float | None = None
     client_eval_loss: dict[str, float] = Field(default_factory=dict)
     adapter: str
+    adapter_sha256: str
+    config_sha256: str
+    chain: list[str] = Field(description="sha256 of every global from round 0 to the final one.")
     stopped_early: str | None = None
+    epoch: int
 
 
-def dumps(record: BaseModel) -> bytes:
-    return json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+class SpecRecord(Record):
+    """The spec the run executes, as the aggregator read it from its mounted config (informational)."""
+
+    spec: dict[str, object]
 
 
-def read_record(store: ObjectStore, key: str, model: type[M]) -> M | None:
-    """The record at key, or None if it is not there yet."""
-    raw = store.get_or_none(key)
-    if raw is None:
-        return None
+class LeaseClaim(Record):
+    """An aggregator's claim of the lease for one epoch; created only if absent."""
+
+    epoch: int
+    holder: str
+    seconds: float
+
+
+def dumps(record: BaseModel) -> dict[str, object]:
+    """A record as the JSON object that gets signed."""
+    out: dict[str, object] = json.loads(record.model_dump_json())
+    return out
+
+
+def parse(model: type[M], body: dict[str, object], where: str) -> M:
     try:
-        return model.model_validate_json(raw)
+        return model.model_validate(body)
     except ValidationError as e:
-        raise FedtuneError(f"{store.url(key)}: not a valid {model.__name__}: {e.errors()[0]['msg']}") from None
-
-
-def read_verified(store: ObjectStore, key: str, expected_sha256: str) -> bytes:
-    """Object bytes whose sha256 matches its marker; a mismatch means tampering or corruption."""
-    data = store.get(key)
-    got = sha256(data)
-    if got != expected_sha256:
-        raise IntegrityError(f"{store.url(key)}: sha256 {got[:12]}… does not match its marker {expected_sha256[:12]}…")
-    return data
+        raise FedtuneError(f"{where}: not a valid {model.__name__}: {e.errors()[0]['msg']}") from None
 
 
 class IntegrityError(FedtuneError):
     """An object does not match the sha256 its marker commits to."""
 
 
-def latest_global(store: ObjectStore, hint: int | None = None) -> int | None:
-    """The highest round with a committed global marker (the global after the last round is the result).
-
-    Globals are committed in order, so from a `hint` known to be committed it steps forward one marker
-    at a time instead of listing every key of the run (pollers call this every second).
-    """
-    if hint is not None and hint >= 0 and store.exists(global_marker(hint)):
-        while store.exists(global_marker(hint + 1)):
-            hint += 1
-        return hint
-    rounds = [int(k.split("/")[1]) for k in store.list("rounds") if k.endswith("/global.json")]
-    return max(rounds, default=None)
+def check_digest(where: str, data: bytes, expected: str) -> bytes:
+    got = sha256(data)
+    if got != expected:
+        raise IntegrityError(f"{where}: sha256 {got[:12]}… does not match its marker {expected[:12]}…")
+    return data
 
 
 def select_clients(names: list[str], k: int, seed: int, r: int) -> list[str]:

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from fedtune.api import FederatedFineTuneSpec
 from fedtune.federation import protocol as p
-from fedtune.storage import ObjectStore
+from fedtune.federation.records import Ledger
 
 if TYPE_CHECKING:
     from fedtune.local.runner import Proc
@@ -22,9 +22,9 @@ class Progress:
     """Redrawn in place on a terminal; elsewhere (CI, pipes) one line per closed round."""
 
     def __init__(
-        self, store: ObjectStore, spec: FederatedFineTuneSpec, procs: list[Proc], console: Console, live: bool
+        self, ledger: Ledger, spec: FederatedFineTuneSpec, procs: list[Proc], console: Console, live: bool
     ) -> None:
-        self.store, self.spec, self.procs, self.console = store, spec, procs, console
+        self.ledger, self.spec, self.procs, self.console = ledger, spec, procs, console
         self.live = (
             Live(console=console, refresh_per_second=4, transient=False) if live and console.is_terminal else None
         )
@@ -49,18 +49,18 @@ class Progress:
         if client not in gm.selected:
             return "idle", "-", "-"
         if gm.final:
-            ev = p.read_record(self.store, p.eval_marker(gm.round, client), p.EvalMarker)
+            ev = self.ledger.eval_marker(gm.round, client)
             return ("done", "-", f"{ev.eval_loss:.4f}") if ev else ("evaluating", "-", "-")
-        up = p.read_record(self.store, p.update_marker(gm.round, client), p.UpdateMarker)
+        up = self.ledger.update_marker(gm.round, client)
         if up is None:
             return ("training" if not proc.restarts else f"training (restart {proc.restarts})"), "-", "-"
         m = up.metrics
         return "uploaded", _f(m.train_loss), _f(m.eval_loss)
 
     def refresh(self) -> None:
-        latest = p.latest_global(self.store, hint=self.latest)
+        latest = self.ledger.latest_global(hint=self.latest)
         self.latest = latest
-        gm = p.read_record(self.store, p.global_marker(latest), p.GlobalMarker) if latest is not None else None
+        gm = self.ledger.global_marker(latest) if latest is not None else None
         total = self.spec.aggregation.rounds
         if self.live:
             current = "final evaluation" if gm and gm.final else f"round {(latest or 0) + 1}/{total}"
@@ -71,7 +71,7 @@ class Progress:
                 state, tl, el = self._state(c.name, gm)
                 restarts = next(pr.restarts for pr in self.procs if pr.name == c.name)
                 table.add_row(c.name, state, tl, el, str(restarts))
-            last = p.read_record(self.store, p.summary(latest - 1), p.RoundSummary) if latest else None
+            last = self.ledger.summary(latest - 1) if latest else None
             if last is not None:
                 current += (
                     f"  (round {last.round + 1}: train loss {_f(last.train_loss)}, eval loss {_f(last.eval_loss)})"
@@ -79,7 +79,7 @@ class Progress:
             self.live.update(Group(Text(f"fedtune: {current}", style="bold"), table))
             return
         for r in range(self.printed, latest or 0):
-            s = p.read_record(self.store, p.summary(r), p.RoundSummary)
+            s = self.ledger.summary(r)
             if s is not None:
                 self.console.print(
                     f"round {r + 1}/{total}: {len(s.participants)} clients, train loss {_f(s.train_loss)}, "

@@ -8,17 +8,16 @@ from typing import Any
 
 from rich.table import Table
 
-from fedtune.federation import protocol as p
-from fedtune.storage import ObjectStore
+from fedtune.federation.records import Ledger
 
 
-def round_records(store: ObjectStore) -> list[dict[str, Any]]:
+def round_records(ledger: Ledger) -> list[dict[str, Any]]:
     """One record per closed round (round, participants, train_loss, eval_loss, seconds, bytes), then the
     final global's evaluation as a last record with no training."""
     out: list[dict[str, Any]] = []
-    latest = p.latest_global(store) or 0
+    latest = ledger.latest_global() or 0
     for r in range(latest):
-        s = p.read_record(store, p.summary(r), p.RoundSummary)
+        s = ledger.summary(r)
         if s is None:
             continue
         out.append(
@@ -33,7 +32,7 @@ def round_records(store: ObjectStore) -> list[dict[str, Any]]:
                 "epsilon": s.epsilon,
             }
         )
-    final = p.read_record(store, p.FINAL_SUMMARY, p.FinalSummary)
+    final = ledger.final()
     if final is not None:
         out.append(
             {
@@ -81,13 +80,13 @@ def plot_loss(records: list[dict[str, Any]], folder: Path) -> Path:
     return path
 
 
-def client_table(store: ObjectStore) -> Table:
+def client_table(ledger: Ledger) -> Table:
     """Each client's eval loss on its own held-out split: the initial global against the final one."""
     table = Table(title="Eval loss per client (held-out split)")
     for col in ("client", "before round 0", "final", "change"):
         table.add_column(col, justify="left" if col == "client" else "right")
-    first = p.read_record(store, p.summary(0), p.RoundSummary)
-    final = p.read_record(store, p.FINAL_SUMMARY, p.FinalSummary)
+    first = ledger.summary(0)
+    final = ledger.final()
     before = {c: m.eval_loss for c, m in first.client_metrics.items()} if first else {}
     after = final.client_eval_loss if final else {}
     for c in sorted(set(before) | set(after)):

@@ -20,13 +20,13 @@ from rich.console import Console
 from fedtune.api import FederatedFineTune, FederatedFineTuneSpec, load_resource
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
-from fedtune.federation.run_store import publish_spec
+from fedtune.federation.records import Ledger
+from fedtune.federation.signing import AGGREGATOR, client_party
 from fedtune.local import progress, report
+from fedtune.local.identities import CONFIG, key_path, local_config
 from fedtune.storage import ObjectStore, open_store
 from fedtune.storage.local_fs import FileStore
 from fedtune.training.data import read_jsonl
-
-AGGREGATOR = "aggregator"
 
 
 @dataclass
@@ -120,6 +120,8 @@ class LocalRun:
                 raise FedtuneError(f"--fresh deletes a local run folder; this run's root is {self.store.uri}")
             shutil.rmtree(self.folder, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.config = local_config(self.folder, resource.model_copy(update={"spec": self.spec}))
+        self.ledger = Ledger(self.store, self.config.trust)
         self.console = console or Console()
 
     def _procs(self) -> list[Proc]:
@@ -131,9 +133,14 @@ class LocalRun:
             # The processes open the run root before they can read the spec that names the endpoint.
             env["FEDTUNE_S3_ENDPOINT"] = self.spec.storage.endpoint
         logs = self.folder / "logs"
-        procs = [Proc(AGGREGATOR, [*base, "aggregator", "--run-root", self.store.uri], logs / "aggregator.log", env)]
+        common = ["--run-root", self.store.uri, "--config", str(self.folder / CONFIG)]
+
+        def key(party: str) -> list[str]:
+            return ["--signing-key", str(key_path(self.folder, party))]
+
+        procs = [Proc("aggregator", [*base, "aggregator", *common, *key(AGGREGATOR)], logs / "aggregator.log", env)]
         for c in self.spec.clients:
-            argv = [*base, "client", "--run-root", self.store.uri, "--name", c.name]
+            argv = [*base, "client", *common, *key(client_party(c.name)), "--name", c.name]
             procs.append(Proc(c.name, argv, logs / f"{c.name}.log", env))
         return procs
 
@@ -164,10 +171,9 @@ class LocalRun:
 
     def run(self, live: bool = True) -> p.FinalSummary:
         preflight(self.spec, self.store)
-        publish_spec(self.store, self.spec)
         procs = self._procs()
         started = time.monotonic()
-        view = progress.Progress(self.store, self.spec, procs, self.console, live=live)
+        view = progress.Progress(self.ledger, self.spec, procs, self.console, live=live)
         try:
             for proc in procs:
                 proc.start()
@@ -183,15 +189,16 @@ class LocalRun:
         finally:
             for proc in procs:
                 proc.stop()
-        final = p.read_record(self.store, p.FINAL_SUMMARY, p.FinalSummary)
+        final = self.ledger.final()
         if final is None:
             raise FedtuneError(f"the aggregator exited without a final summary (see {procs[0].log})")
-        records = report.round_records(self.store)
+        records = report.round_records(self.ledger)
         report.write_metrics(records, self.folder)
         report.plot_loss(records, self.folder)
-        self.console.print(report.client_table(self.store))
+        self.console.print(report.client_table(self.ledger))
         self.console.print(
             f"{final.rounds} rounds in {time.monotonic() - started:.0f}s; adapter: {final.adapter}\n"
+            f"adapter sha256: {final.adapter_sha256} (check the whole run: fedtune verify {self.folder})\n"
             f"metrics: {self.folder / 'metrics.json'}\nplot: {self.folder / 'loss.png'}\n"
             f"logs: {self.folder / 'logs'}"
         )

@@ -53,7 +53,12 @@ def open_store(
 
 
 def open_object(
-    uri: str, *, endpoint: str | None = None, region: str | None = None, base_dir: Path | None = None
+    uri: str,
+    *,
+    endpoint: str | None = None,
+    region: str | None = None,
+    base_dir: Path | None = None,
+    credentials: tuple[str, str] | None = None,
 ) -> tuple[ObjectStore, str]:
     """The store holding one object, and the object's key in it."""
     head, _, name = uri.rstrip("/").rpartition("/")
@@ -63,4 +68,4 @@ def open_object(
         raise StorageError(f"{uri}: not an object URL")
     if not head:
         head = "."
-    return open_store(head, endpoint=endpoint, region=region, base_dir=base_dir), name
+    return open_store(head, endpoint=endpoint, region=region, base_dir=base_dir, credentials=credentials), name

@@ -21,9 +21,15 @@ class Example:
     labels: list[int]
 
 
-def read_jsonl(uri: str, where: str, endpoint: str | None = None) -> list[dict[str, Any]]:
-    """Records of a JSONL file; `where` names the spec field in errors (e.g. spec.clients[0].data.uri)."""
-    store, key = open_object(uri, endpoint=endpoint)
+def read_jsonl(
+    uri: str, where: str, endpoint: str | None = None, credentials: tuple[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Records of a JSONL file; `where` names the spec field in errors (e.g. spec.clients[0].data.uri).
+
+    `credentials` (access key, secret) are the client's data credentials when they differ from its
+    storage identity.
+    """
+    store, key = open_object(uri, endpoint=endpoint, credentials=credentials)
     raw = store.get_or_none(key)
     if raw is None:
         raise FedtuneError(f"{where}: data file {store.url(key)} not found")

@@ -1,0 +1,125 @@
+"""Signed, verified access to a run root: the one way the protocol reads and writes its records.
+
+Every read checks, in order: the signature against the pinned key of the party that owns the prefix,
+the record's own claims (round, client) against where it was found, then the data's sha256. A writer
+signs with its own key and can only write under its own prefix (the bucket policy enforces that).
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from fedtune.errors import FedtuneError
+from fedtune.federation import protocol as p
+from fedtune.federation.signing import AGGREGATOR, Signer, Trust, client_party
+from fedtune.storage import ObjectStore
+
+R = TypeVar("R", bound=p.Record)
+
+
+class Ledger:
+    """One run root seen through its pinned keys; `signer` is this process's own identity (None: read only)."""
+
+    def __init__(self, store: ObjectStore, trust: Trust, signer: Signer | None = None) -> None:
+        self.store, self.trust, self.signer = store, trust, signer
+
+    # --- generic ---------------------------------------------------------------------------------
+
+    def read(self, key: str, model: type[R], party: str) -> R | None:
+        """The record at key signed by party, None if absent; SignatureError if forged or altered."""
+        raw = self.store.get_or_none(key)
+        if raw is None:
+            return None
+        return p.parse(model, self.trust.verify(key, raw, party), self.store.url(key))
+
+    def signed(self, key: str, record: p.Record) -> bytes:
+        if self.signer is None:
+            raise FedtuneError(f"{self.store.url(key)}: this process holds no signing key")
+        return self.signer.sign(key, p.dumps(record))
+
+    def commit(self, key: str, record: p.Record) -> bool:
+        """Create a signed marker only if absent; True if this call created it."""
+        return self.store.put_if_absent(key, self.signed(key, record))
+
+    def data(self, key: str, expected_sha256: str) -> bytes:
+        """Object bytes whose sha256 matches the marker that named them."""
+        return p.check_digest(self.store.url(key), self.store.get(key), expected_sha256)
+
+    def put_data(self, key: str, data: bytes) -> None:
+        """Write a content-addressed object (its key holds its digest): an existing one already has these bytes."""
+        self.store.put_if_absent(key, data)
+
+    # --- the coordinator's records ---------------------------------------------------------------
+
+    def global_marker(self, r: int) -> p.GlobalMarker | None:
+        gm = self.read(p.global_marker(r), p.GlobalMarker, AGGREGATOR)
+        if gm is not None and gm.round != r:
+            raise FedtuneError(f"{self.store.url(p.global_marker(r))}: names round {gm.round}, not {r}")
+        return gm
+
+    def latest_global(self, hint: int | None = None) -> int | None:
+        """The highest round with a committed global marker.
+
+        Globals are committed in order, so the answer is found with existence checks alone (no listing,
+        which a client's credentials do not allow): forward from a `hint` known to be committed, or by
+        doubling then bisecting from round 0.
+        """
+        exists = self.store.exists
+        lo = hint if hint is not None and hint >= 0 and exists(p.global_marker(hint)) else -1
+        if lo < 0 and not exists(p.global_marker(0)):
+            return None
+        lo, step = max(lo, 0), 1
+        while exists(p.global_marker(lo + step)):
+            lo, step = lo + step, step * 2
+        hi = lo + step  # absent
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if exists(p.global_marker(mid)) else (lo, mid)
+        return lo
+
+    def global_bytes(self, gm: p.GlobalMarker) -> bytes:
+        return self.data(p.global_data(gm.round, gm.sha256), gm.sha256)
+
+    def server_state_bytes(self, gm: p.GlobalMarker) -> bytes | None:
+        if not gm.server_state_sha256:
+            return None
+        return self.data(p.server_state(gm.round, gm.server_state_sha256), gm.server_state_sha256)
+
+    def summary(self, r: int) -> p.RoundSummary | None:
+        """Round r's record, as named by the global it produced (round r + 1)."""
+        nxt = self.global_marker(r + 1)
+        if nxt is None or nxt.summary_sha256 is None:
+            return None
+        key = p.summary(r, nxt.summary_sha256)
+        raw = self.data(key, nxt.summary_sha256)
+        return p.parse(p.RoundSummary, self.trust.verify(p.summary_name(r), raw, AGGREGATOR), self.store.url(key))
+
+    def put_summary(self, s: p.RoundSummary) -> str:
+        """Write round s.round's record, content-addressed; returns its sha256 for the next global's marker."""
+        raw = self.signed(p.summary_name(s.round), s)
+        digest = p.sha256(raw)
+        self.put_data(p.summary(s.round, digest), raw)
+        return digest
+
+    def final(self) -> p.FinalSummary | None:
+        return self.read(p.FINAL_SUMMARY, p.FinalSummary, AGGREGATOR)
+
+    # --- the clients' records --------------------------------------------------------------------
+
+    def _client_record(self, key: str, model: type[R], client: str, r: int) -> R | None:
+        rec = self.read(key, model, client_party(client))
+        if rec is not None and (getattr(rec, "client", client), getattr(rec, "round", r)) != (client, r):
+            raise FedtuneError(
+                f"{self.store.url(key)}: names client {getattr(rec, 'client', '?')} round "
+                f"{getattr(rec, 'round', '?')}, not {client} round {r}"
+            )
+        return rec
+
+    def update_marker(self, r: int, client: str) -> p.UpdateMarker | None:
+        return self._client_record(p.update_marker(r, client), p.UpdateMarker, client, r)
+
+    def update_bytes(self, r: int, client: str, marker: p.UpdateMarker) -> bytes:
+        return self.data(p.update_data(r, client, marker.sha256), marker.sha256)
+
+    def eval_marker(self, r: int, client: str) -> p.EvalMarker | None:
+        return self._client_record(p.eval_marker(r, client), p.EvalMarker, client, r)
