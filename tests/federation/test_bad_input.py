@@ -12,13 +12,12 @@ import pytest
 import torch
 import yaml
 
-from fedtune.aggregation.encoding import encode, load_state
+from fedtune.aggregation.encoding import encode
 from fedtune.api import parse_resource
-from fedtune.federation import protocol as p
-from fedtune.federation.aggregator import Aggregator
-from fedtune.storage import ObjectStore, open_store
+from fedtune.storage import open_store
 from fedtune.training.model import adapter_state
 from tests.federation.conftest import tiny_resource, write_data
+from tests.federation.parties import Parties, submit_update
 
 
 def fedtune_run(spec: dict[str, Any], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -86,46 +85,33 @@ def test_unreachable_storage(tmp_path: Path, data: Path) -> None:
     assert "s3://bucket/runs/tiny" in line and "cannot reach the S3 server at http://127.0.0.1:9" in line
 
 
-def submit_update(store: ObjectStore, client: str, payload: bytes, stored: bytes | None = None) -> None:
-    """Commit an update for round 0 as a client would; `stored` differs from payload to tamper."""
-    store.put(p.update_data(0, client), payload if stored is None else stored)
-    marker = p.UpdateMarker(
-        client=client,
-        round=0,
-        sha256=p.sha256(payload),
-        examples=10,
-        steps=1,
-        bytes=len(payload),
-        metrics=p.ClientMetrics(train_loss=1.0, eval_loss=1.0, eval_examples=5),
-    )
-    store.put_if_absent(p.update_marker(0, client), p.dumps(marker))
-
-
 def test_tampered_or_broken_updates_are_rejected_and_never_averaged(data: Path) -> None:
     spec = parse_resource(tiny_resource(data, aggregation={"roundTimeoutSeconds": 60, "minClients": 1})).spec
     store = open_store("memory://tamper/run")
-    agg = Aggregator(store, spec)
+    parties = Parties(spec)
+    agg = parties.aggregator(store)
     gm = agg.publish_global(0, adapter_state(agg.model), {})
-    state = load_state(store.get(p.global_data(0)))
+    state, _ = agg.load_global(gm)
     keys = agg.trainable
     good = {k: torch.full_like(state[k], 0.01) for k in keys}
 
     def submit(client: str, delta: dict[str, torch.Tensor], tamper: bool = False) -> None:
         payload = encode(delta)
-        submit_update(store, client, payload, stored=payload + (b"x" if tamper else b""))
+        submit_update(parties.client(store, client), gm, client, payload, stored=payload + (b"x" if tamper else b""))
 
     submit("alpha", good)
     submit("beta", good, tamper=True)
     submit("gamma", {k: v.clone().fill_(float("nan")) for k, v in good.items()})
     agg.close_round(gm)
 
-    summary = p.read_record(store, p.summary(0), p.RoundSummary)
+    summary = agg.ledger.summary(0)
     assert summary is not None
     assert summary.participants == ["alpha"]
     reasons = {r.client: r.reason for r in summary.rejected}
     assert "does not match its marker" in reasons["beta"]
     assert "non-finite" in reasons["gamma"]
-    new = load_state(store.get(p.global_data(1)))
+    nxt = agg.read_global_marker(1)
+    new, _ = agg.load_global(nxt)
     for k in keys:
         torch.testing.assert_close(new[k], state[k] + 0.01, rtol=0, atol=1e-6)
 
@@ -133,12 +119,13 @@ def test_tampered_or_broken_updates_are_rejected_and_never_averaged(data: Path) 
 def test_too_few_valid_updates_keep_the_global(data: Path) -> None:
     spec = parse_resource(tiny_resource(data, aggregation={"minClients": 2})).spec
     store = open_store("memory://few/run")
-    agg = Aggregator(store, spec)
+    parties = Parties(spec)
+    agg = parties.aggregator(store)
     gm = agg.publish_global(0, adapter_state(agg.model), {})
     for client in gm.selected:
-        submit_update(store, client, b"not safetensors")
+        submit_update(parties.client(store, client), gm, client, b"not safetensors")
     agg.close_round(gm)
-    assert store.get(p.global_data(1)) == store.get(p.global_data(0))
-    summary = p.read_record(store, p.summary(0), p.RoundSummary)
+    assert agg.read_global_marker(1).sha256 == gm.sha256
+    summary = agg.ledger.summary(0)
     assert summary is not None and summary.participants == []
     assert all("undecodable" in r.reason for r in summary.rejected)

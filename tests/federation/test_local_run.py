@@ -15,8 +15,8 @@ from rich.console import Console
 from fedtune.aggregation.encoding import load_state
 from fedtune.api import load_resource
 from fedtune.federation import protocol as p
+from fedtune.local.identities import local_ledger
 from fedtune.local.runner import LocalRun
-from fedtune.storage import open_store
 from fedtune.training.model import build_base_model, build_model, load_adapter
 from fedtune.training.tokenizer import build_tokenizer
 from tests.federation.conftest import tiny_resource, write_data
@@ -33,8 +33,9 @@ def test_run_trains_and_writes_a_peft_adapter(tiny: Path, tmp_path: Path) -> Non
     assert all(r["bytes"] > 0 for r in records[:3])
     assert (folder / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
-    store = open_store(str(folder))
-    before = p.read_record(store, p.summary(0), p.RoundSummary)
+    ledger = local_ledger(folder)
+    store = ledger.store
+    before = ledger.summary(0)
     assert before is not None
     for client, loss in final.client_eval_loss.items():
         assert loss < before.client_metrics[client].eval_loss, client
@@ -44,11 +45,12 @@ def test_run_trains_and_writes_a_peft_adapter(tiny: Path, tmp_path: Path) -> Non
 
     spec = load_resource(tiny).spec
     tok = build_tokenizer(spec)
-    loaded = PeftModel.from_pretrained(build_base_model(spec, len(tok)), str(folder / "final")).eval()
-    gm = p.read_record(store, p.global_marker(3), p.GlobalMarker)
+    loaded = PeftModel.from_pretrained(build_base_model(spec, len(tok)), str(folder / p.FINAL)).eval()
+    gm = ledger.global_marker(3)
     assert gm is not None and gm.final
+    assert final.adapter_sha256 == p.sha256(store.get(p.FINAL_ADAPTER))
     reference = build_model(spec, tok).eval()
-    load_adapter(reference, load_state(store.get(p.global_data(3))))
+    load_adapter(reference, load_state(ledger.global_bytes(gm)))
     ids = torch.tensor([tok("the cat sat")["input_ids"]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
@@ -56,15 +58,19 @@ def test_run_trains_and_writes_a_peft_adapter(tiny: Path, tmp_path: Path) -> Non
     assert not torch.equal(untrained, reference(ids).logits)
 
     # Running the same spec again resumes a finished run: nothing committed is rewritten.
-    markers = {k: store.get(k) for k in store.list("rounds") if k.endswith(".json")}
+    def markers() -> dict[str, bytes]:
+        return {k: store.get(k) for k in store.list() if k.endswith(".json") and not k.startswith(p.LEASES)}
+
+    before_resume = markers()
     LocalRun(tiny, output=out, console=Console(file=io.StringIO())).run(live=False)
-    assert {k: store.get(k) for k in store.list("rounds") if k.endswith(".json")} == markers
+    assert markers() == before_resume
 
 
 def test_run_over_a_real_s3_server(
     tmp_path: Path, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`fedtune run` with its rounds in a bucket: the same protocol over HTTP."""
+    monkeypatch.chdir(tmp_path)  # the run's local folder (keys, logs) is ./fedtune-runs/<name>
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
@@ -78,6 +84,9 @@ def test_run_over_a_real_s3_server(
     spec = tmp_path / "s3.yaml"
     spec.write_text(yaml.safe_dump(doc))
     final = LocalRun(spec, console=Console(file=io.StringIO())).run(live=False)
-    assert final.adapter == f"s3://{s3_bucket}/runs/tiny/final"
+    assert final.adapter == f"s3://{s3_bucket}/runs/tiny/coordinator/final"
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]}
-    assert {"runs/tiny/spec.json", "runs/tiny/final/adapter_model.safetensors"} <= keys
+    assert {"runs/tiny/coordinator/spec.json", "runs/tiny/coordinator/final/adapter_model.safetensors"} <= keys
+    # The private keys stay on this machine: nothing under config/ reaches the bucket.
+    assert not any("config" in k or k.endswith(".pem") for k in keys)
+    assert (tmp_path / "fedtune-runs" / "tiny" / "config" / "keys.json").exists()
