@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from rich.console import Console
 from fedtune.aggregation.encoding import load_state
 from fedtune.api import load_resource
 from fedtune.federation import protocol as p
+from fedtune.federation.records import Ledger
 from fedtune.local.identities import local_ledger
 from fedtune.local.runner import LocalRun
 from fedtune.training.model import build_base_model, build_model, load_adapter
@@ -65,6 +68,27 @@ def test_run_trains_and_writes_a_peft_adapter(tiny: Path, tmp_path: Path) -> Non
     LocalRun(tiny, output=out, console=Console(file=io.StringIO())).run(live=False)
     assert markers() == before_resume
 
+    # `fedtune verify` checks every signature, digest and link, then names the first object that fails.
+    ok = verify(folder)
+    assert ok.returncode == 0 and f"final adapter sha256: {final.adapter_sha256}" in ok.stdout
+    victim = p.global_data(2, gm_sha(ledger, 2))
+    store.put(victim, store.get(victim)[:-1] + b"\x00")
+    bad = verify(folder)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().startswith(f"error: {store.url(victim)}: sha256") and "does not match" in bad.stderr
+
+
+def gm_sha(ledger: Ledger, r: int) -> str:
+    gm = ledger.global_marker(r)
+    assert gm is not None
+    return gm.sha256
+
+
+def verify(folder: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune", "verify", str(folder)], capture_output=True, text=True, timeout=60
+    )
+
 
 def test_run_over_a_real_s3_server(
     tmp_path: Path, s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
@@ -88,5 +112,5 @@ def test_run_over_a_real_s3_server(
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]}
     assert {"runs/tiny/coordinator/spec.json", "runs/tiny/coordinator/final/adapter_model.safetensors"} <= keys
     # The private keys stay on this machine: nothing under config/ reaches the bucket.
-    assert not any("config" in k or k.endswith(".pem") for k in keys)
+    assert not any("/config/" in k or k.endswith(".pem") for k in keys)
     assert (tmp_path / "fedtune-runs" / "tiny" / "config" / "keys.json").exists()

@@ -24,6 +24,7 @@ from fedtune.federation import protocol as p
 from fedtune.federation.lease import Lease, LeaseLost
 from fedtune.federation.polling import poll
 from fedtune.federation.records import Ledger
+from fedtune.federation.signing import SignatureError
 from fedtune.privacy import ClientLevelDP
 from fedtune.training.model import adapter_state, build_model, load_adapter, trainable_keys
 from fedtune.training.tokenizer import build_tokenizer
@@ -38,6 +39,8 @@ class Collected:
     accepted: dict[str, p.UpdateMarker] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
+    # Markers whose signature fails: unresolved until the deadline, since the owner may still replace them.
+    unsigned: dict[str, str] = field(default_factory=dict)
 
     def resolved(self) -> set[str]:
         return set(self.accepted) | set(self.rejected)
@@ -91,9 +94,8 @@ class Aggregator:
         summary_sha256: str | None = None,
     ) -> p.GlobalMarker:
         """Write round r's global (and server state), then commit its marker; a no-op if committed."""
-        existing = self.ledger.global_marker(r)
-        if existing is not None:
-            return existing
+        if self.ledger.verifies(r):
+            return self.read_global_marker(r)
         data = save_state(state)
         digest = p.sha256(data)
         self.ledger.put_data(p.global_data(r, digest), data)
@@ -117,7 +119,7 @@ class Aggregator:
             created=time.time(),
         )
         self.lease.check()
-        if not self.ledger.commit(p.global_marker(r), marker):
+        if not self.ledger.commit_own(p.global_marker(r), marker, p.GlobalMarker):
             return self._lost_race(r)
         log.info("round %d: global committed (%s)", r, "final" if final else f"selected {', '.join(selected)}")
         return marker
@@ -165,6 +167,11 @@ class Aggregator:
                 continue
             try:
                 marker = self.ledger.update_marker(gm.round, client)
+            except SignatureError as e:
+                if client not in seen.unsigned:
+                    log.warning("round %d: update of %s does not verify (yet): %s", gm.round, client, e)
+                seen.unsigned[client] = str(e)
+                continue
             except FedtuneError as e:
                 seen.rejected[client] = str(e)
                 log.warning("round %d: rejected update of %s: %s", gm.round, client, e)
@@ -196,6 +203,11 @@ class Aggregator:
             return None
 
         poll(done, what=f"updates of round {gm.round}")
+        for client, why in seen.unsigned.items():
+            if client not in seen.resolved():
+                seen.rejected[client] = why
+                log.warning("round %d: rejected update of %s: %s", gm.round, client, why)
+                metrics.UPDATES_REJECTED.labels(*self.labels, client).inc()
         return seen
 
     def _stream(self, gm: p.GlobalMarker, seen: Collected, reference: State) -> Iterator[ClientUpdate]:
@@ -291,9 +303,8 @@ class Aggregator:
 
     def finalize(self, gm: p.GlobalMarker) -> p.FinalSummary:
         """Collect the clients' evaluation of the final global, then write the PEFT adapter and summary."""
-        done = self.ledger.final()
-        if done is not None:
-            return done
+        if self.ledger.finished():
+            return self.ledger.final()  # type: ignore[return-value]
         evals = self._collect_evals(gm)
         state, _ = self.load_global(gm)
         load_adapter(self.model, state)
@@ -321,7 +332,7 @@ class Aggregator:
         if final.stopped_early:
             log.warning("%s", final.stopped_early)
         self.lease.check()
-        if not self.ledger.commit(p.FINAL_SUMMARY, final):
+        if not self.ledger.commit_own(p.FINAL_SUMMARY, final, p.FinalSummary):
             final = self.ledger.final() or final
         if final.eval_loss is not None:
             metrics.EVAL_LOSS.labels(*self.labels).set(final.eval_loss)
@@ -364,7 +375,7 @@ class Aggregator:
     def run(self) -> p.FinalSummary | None:
         """Aggregate under the lease until the final adapter is written; None if another aggregator finished."""
         metrics.ROUNDS_TOTAL.labels(*self.labels).set(self.rounds)
-        if not self.lease.acquire(done=lambda: self.store.exists(p.FINAL_SUMMARY)):
+        if not self.lease.acquire(done=self.ledger.finished):
             log.info("the run was finished by another aggregator; nothing to do")
             return None
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -19,6 +20,7 @@ from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
 from fedtune.federation.polling import poll
 from fedtune.federation.records import Ledger
+from fedtune.federation.signing import SignatureError
 from fedtune.training import data as d
 from fedtune.training.model import adapter_state, build_model, load_adapter, trainable_keys
 from fedtune.training.tokenizer import build_tokenizer
@@ -121,7 +123,7 @@ class Client:
                 seconds=time.time() - started,
             ),
         )
-        self.ledger.commit(p.update_marker(gm.round, self.name), marker)
+        self.ledger.commit_own(p.update_marker(gm.round, self.name), marker, p.UpdateMarker)
         metrics.CLIENT_TRAIN_LOSS.labels(*self.labels).set(train_loss)
         metrics.CLIENT_STEPS.labels(*self.labels).inc(steps)
         log.info(
@@ -138,7 +140,7 @@ class Client:
         record = p.EvalMarker(
             client=self.name, round=gm.round, global_sha256=gm.sha256, eval_loss=loss, eval_examples=tokens
         )
-        self.ledger.commit(p.eval_marker(gm.round, self.name), record)
+        self.ledger.commit_own(p.eval_marker(gm.round, self.name), record, p.EvalMarker)
         log.info("final global: eval_loss=%.4f", loss)
 
     def run(self) -> None:
@@ -151,11 +153,18 @@ class Client:
             if self.name not in gm.selected:
                 continue
             if gm.final:
-                if not self.store.exists(p.eval_marker(gm.round, self.name)):
+                if not self._committed(self.ledger.eval_marker, gm.round):
                     self.evaluate_final(gm)
                 return
-            if not self.store.exists(p.update_marker(gm.round, self.name)):
+            if not self._committed(self.ledger.update_marker, gm.round):
                 self.train_round(gm)
+
+    def _committed(self, read: Callable[[int, str], p.Record | None], r: int) -> bool:
+        """Whether this client's own signed record for round r exists (one it did not sign does not count)."""
+        try:
+            return read(r, self.name) is not None
+        except SignatureError:
+            return False
 
 
 def _newer(ledger: Ledger, seen: int) -> int | None:

@@ -7,12 +7,15 @@ signs with its own key and can only write under its own prefix (the bucket polic
 
 from __future__ import annotations
 
+import logging
 from typing import TypeVar
 
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
-from fedtune.federation.signing import AGGREGATOR, Signer, Trust, client_party
+from fedtune.federation.signing import AGGREGATOR, SignatureError, Signer, Trust, client_party
 from fedtune.storage import ObjectStore
+
+log = logging.getLogger("fedtune.records")
 
 R = TypeVar("R", bound=p.Record)
 
@@ -41,6 +44,23 @@ class Ledger:
         """Create a signed marker only if absent; True if this call created it."""
         return self.store.put_if_absent(key, self.signed(key, record))
 
+    def commit_own(self, key: str, record: p.Record, model: type[R]) -> bool:
+        """Commit under this process's own prefix, replacing a record there that its owner never signed.
+
+        Such a record can only exist where the bucket policy is missing and another party wrote into a
+        prefix that is not its own; the owner's signature, not the first write, decides what stands.
+        """
+        if self.commit(key, record):
+            return True
+        assert self.signer is not None
+        try:
+            self.read(key, model, self.signer.party)
+            return False
+        except SignatureError as e:
+            log.warning("replacing a record its owner did not sign: %s", e)
+            self.store.put(key, self.signed(key, record))
+            return True
+
     def data(self, key: str, expected_sha256: str) -> bytes:
         """Object bytes whose sha256 matches the marker that named them."""
         return p.check_digest(self.store.url(key), self.store.get(key), expected_sha256)
@@ -58,12 +78,30 @@ class Ledger:
         return gm
 
     def latest_global(self, hint: int | None = None) -> int | None:
-        """The highest round with a committed global marker.
+        """The highest round with a committed global marker that verifies.
 
-        Globals are committed in order, so the answer is found with existence checks alone (no listing,
+        Globals are committed in order, so the candidate is found with existence checks alone (no listing,
         which a client's credentials do not allow): forward from a `hint` known to be committed, or by
-        doubling then bisecting from round 0.
+        doubling then bisecting from round 0. A candidate that does not verify (a marker forged where the
+        bucket policy is missing) is skipped: the answer is then the last verified marker stepping from
+        the hint.
         """
+        candidate = self._latest_existing(hint)
+        if candidate is None or self.verifies(candidate):
+            return candidate
+        r = hint if hint is not None and hint >= 0 and self.verifies(hint) else -1
+        while r + 1 < candidate and self.verifies(r + 1):
+            r += 1
+        return r if r >= 0 else None
+
+    def verifies(self, r: int) -> bool:
+        try:
+            return self.global_marker(r) is not None
+        except SignatureError as e:
+            log.warning("ignoring %s", e)
+            return False
+
+    def _latest_existing(self, hint: int | None) -> int | None:
         exists = self.store.exists
         lo = hint if hint is not None and hint >= 0 and exists(p.global_marker(hint)) else -1
         if lo < 0 and not exists(p.global_marker(0)):
@@ -103,6 +141,14 @@ class Ledger:
 
     def final(self) -> p.FinalSummary | None:
         return self.read(p.FINAL_SUMMARY, p.FinalSummary, AGGREGATOR)
+
+    def finished(self) -> bool:
+        """Whether a final summary signed by the aggregator exists (a forged one does not count)."""
+        try:
+            return self.final() is not None
+        except SignatureError as e:
+            log.warning("ignoring %s", e)
+            return False
 
     # --- the clients' records --------------------------------------------------------------------
 

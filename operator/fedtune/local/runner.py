@@ -165,7 +165,7 @@ class LocalRun:
             raise FedtuneError(f"the aggregator failed {agg.restarts + 1} times: {agg.failed}")
         failed = [pr for pr in procs[1:] if pr.failed]
         alive = len(procs) - 1 - len(failed)
-        if failed and alive < self.spec.aggregation.min_clients and not self.store.exists(p.FINAL_SUMMARY):
+        if failed and alive < self.spec.aggregation.min_clients and not self.ledger.finished():
             who = "; ".join(f"client {pr.name} failed: {pr.failed}" for pr in failed)
             raise FedtuneError(f"{who} (fewer than minClients={self.spec.aggregation.min_clients} clients left)")
 
