@@ -40,8 +40,17 @@ LEASE_SECONDS = 2
 class Fleet:
     """The aggregator and clients as the pods would run them, each with its own key."""
 
-    def __init__(self, spec: Path, root: Path, logs: Path) -> None:
-        self.root, self.logs = root, logs
+    def __init__(
+        self,
+        spec: Path,
+        root: Path,
+        logs: Path,
+        store: str | None = None,
+        env: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        """Keys and config in `root`; records in `store` (default: `root` itself); `env` per party name."""
+        self.root, self.logs, self.store = root, logs, store or str(root)
+        self.env = env or {}
         resource = load_resource(spec)
         local_config(root, resource.model_copy(update={"spec": resolve_paths(resource.spec, spec.parent)}))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -50,8 +59,9 @@ class Fleet:
         """Start a client by its name, or an aggregator under any name starting with 'aggregator'."""
         party = AGGREGATOR if name.startswith("aggregator") else client_party(name)
         command = ["aggregator"] if party == AGGREGATOR else ["client", "--name", name]
-        common = ["--run-root", str(self.root), "--config", str(self.root / CONFIG)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDTUNE_LEASE_SECONDS": str(LEASE_SECONDS)}
+        common = ["--run-root", self.store, "--config", str(self.root / CONFIG)]
+        own = self.env.get("aggregator" if party == AGGREGATOR else name, {})
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDTUNE_LEASE_SECONDS": str(LEASE_SECONDS), **own}
         with (self.logs / f"{name}.log").open("ab") as log:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "fedtune", *command, *common, "--signing-key", str(key_path(self.root, party))],

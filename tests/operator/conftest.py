@@ -48,9 +48,10 @@ class Operator:
         self.cluster, self.namespace, self.log = cluster, namespace, log
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *extra: str) -> subprocess.Popen[bytes]:
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
+            **(env or {}),
             "KUBECONFIG": str(self.cluster.kubeconfig),
             "FEDTUNE_LOG_LEVEL": os.environ.get("FEDTUNE_LOG_LEVEL", "INFO"),
         }
@@ -165,7 +166,11 @@ def tiny_run(name: str, **overrides: Any) -> dict[str, Any]:
     spec = doc["spec"]
     spec["storage"] = {"uri": f"s3://{BUCKET}/runs", "secretRef": "fedtune-s3", **overrides.get("storage", {})}
     spec.setdefault("backoffLimit", 2)
-    spec["aggregator"] = {"nodeSelector": {"fedtune.io/pool": "cpu"}, "resources": {"cpu": "1", "memory": "2Gi"}}
+    spec["aggregator"] = {
+        "nodeSelector": {"fedtune.io/pool": "cpu"},
+        "resources": {"cpu": "1", "memory": "2Gi"},
+        **overrides.get("aggregator", {}),
+    }
     if "clients" not in overrides:
         spec["clients"] = [
             {
@@ -188,6 +193,15 @@ def run_store(cluster: Cluster, status: dict[str, Any]) -> Any:
     return open_store(
         status["runRoot"], endpoint=cluster.s3.endpoint, credentials=(cluster.s3.access_key, cluster.s3.secret_key)
     )
+
+
+def run_ledger(cluster: Cluster, namespace: str, name: str, status: dict[str, Any]) -> Any:
+    """The run's records, verified with the keys its pods were given (the spec ConfigMap's keys.json)."""
+    from fedtune.federation.records import Ledger
+    from fedtune.federation.signing import Trust
+
+    cm = cluster.core().read_namespaced_config_map(f"{name}-spec", namespace)
+    return Ledger(run_store(cluster, status), Trust.from_json(cm.data["keys.json"], "keys.json"))
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:

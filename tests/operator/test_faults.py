@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 
 from fedtune.federation import protocol as p
-from tests.operator.conftest import Operator, Runs, run_store, running_pod, tiny_run
+from fedtune.federation.verify import verify_run
+from tests.operator.conftest import Operator, Runs, run_ledger, running_pod, tiny_run
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 ROUNDS = 8
 
 
 def committed(store: object) -> dict[str, bytes]:
-    return {k: store.get(k) for k in store.list("rounds") if k.endswith(".json") and "/updates/" not in k}  # type: ignore[attr-defined]
+    """The coordinator's committed records (leases change as aggregators come and go; markers never do)."""
+    keys = store.list(p.COORDINATOR)  # type: ignore[attr-defined]
+    return {k: store.get(k) for k in keys if k.endswith(".json") and not k.startswith(p.LEASES)}  # type: ignore[attr-defined]
 
 
 def test_killed_pods_and_restarted_servers_cost_no_committed_round(
@@ -25,7 +28,8 @@ def test_killed_pods_and_restarted_servers_cost_no_committed_round(
     status = runs.wait(
         "faults", lambda s: s.get("completedRounds", 0) >= 1 and s.get("state") == "Running", 300, "round 1"
     )["status"]
-    store = run_store(cluster, status)
+    ledger = run_ledger(cluster, ns, "faults", status)
+    store = ledger.store
 
     # The aggregator's process dies: the Job replaces the pod and the run resumes at the last commit.
     before = committed(store)
@@ -49,6 +53,7 @@ def test_killed_pods_and_restarted_servers_cost_no_committed_round(
     assert done["progress"] == f"{ROUNDS}/{ROUNDS}"
     after = committed(store)
     assert all(after[k] == v for k, v in before.items()), "a committed round was rewritten"
+    assert verify_run(ledger).final is not None
     jobs = cluster.batch().list_namespaced_job(ns, label_selector="fedtune.io/run=faults").items
     assert sorted(j.metadata.name for j in jobs) == [
         "faults-aggregator",
@@ -59,7 +64,7 @@ def test_killed_pods_and_restarted_servers_cost_no_committed_round(
     beta = next(c for c in done["clients"] if c["name"] == "beta")
     assert beta["restarts"] >= 1
     for r in range(ROUNDS):
-        summary = p.read_record(store, p.summary(r), p.RoundSummary)
+        summary = ledger.summary(r)
         assert summary is not None and summary.participants == ["alpha", "beta", "gamma"], (r, summary)
 
 

@@ -45,7 +45,7 @@ NAMESPACED_RULES = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"create", "get"},
     ("", "services"): {"create", "get"},
-    ("", "secrets"): {"get"},
+    ("", "secrets"): {"list", "create"},
     ("", "events"): {"create", "patch"},
 }
 CLUSTER_READS = {
@@ -269,8 +269,10 @@ def test_helm_install_creates_working_rbac_and_restricted_pods(crds: Cluster) ->
             ("patch", "federatedfinetunes.fedtune.io", "yes"),
             ("update", "federatedfinetunes.fedtune.io", "no"),
             ("create", "jobs.batch", "yes"),
-            ("get", "secrets", "yes"),
-            ("list", "secrets", "no"),
+            ("list", "secrets", "yes"),
+            ("create", "secrets", "yes"),
+            ("update", "secrets", "no"),
+            ("delete", "secrets", "no"),
             ("create", "pods", "no"),
             ("patch", "kopfpeerings.kopf.dev", "yes"),
         ]:

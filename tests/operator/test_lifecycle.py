@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from typing import Any
+
 import pytest
+import yaml
 from kubernetes.client.exceptions import ApiException
 
+from fedtune.federation import protocol as p
 from tests.operator.conftest import Operator, Runs, run_store, tiny_run, wait_until
+
+
+def keygen_secret(name: str) -> tuple[dict[str, Any], str]:
+    """A Secret manifest and public key as `fedtune keygen NAME` prints them."""
+    out = subprocess.run([sys.executable, "-m", "fedtune", "keygen", name], capture_output=True, text=True, check=True)
+    return yaml.safe_load(out.stdout), out.stderr.strip().removeprefix("publicKey: ")
+
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -26,7 +39,7 @@ def test_suspend_removes_pods_and_resume_continues_from_the_last_round(
     suspended = runs.wait_state("pausable", "Suspended", timeout=60)["status"]
     wait_until(lambda: not jobs_of(operator, "pausable"), 60, "jobs removed")
     store = run_store(operator.cluster, suspended)
-    kept = {k: store.get(k) for k in store.list("rounds") if k.endswith("global.json")}
+    kept = {k: store.get(k) for k in store.list(p.COORDINATOR) if k.endswith("global.json")}
     assert kept
 
     runs.patch("pausable", {"spec": {"suspend": False}})
@@ -69,12 +82,24 @@ def test_deadline_ttl_and_deletion(operator: Operator, runs: Runs, tiny_data: st
         return False
 
     wait_until(gone, 60, "the finished run deleted after its TTL")
-    assert run_store(cluster, done).exists("final/adapter_model.safetensors")
+    assert run_store(cluster, done).exists(p.FINAL_ADAPTER)
 
 
 def test_what_the_schema_cannot_see_becomes_a_condition(operator: Operator, runs: Runs, tiny_data: str) -> None:
-    operator.start()
+    operator.start(env={"FEDTUNE_ALLOWED_IMAGES": "ghcr.io/fedtune/trainer:*"})
+    core, ns = operator.cluster.core(), operator.namespace
     runs.create(tiny_run("nosecret", storage={"secretRef": "not-there"}))
+    # A Secret the run may not use: not labelled for fedtune (the operator never reads its data).
+    creds = core.read_namespaced_secret("fedtune-s3", ns)
+    core.create_namespaced_secret(ns, {"metadata": {"name": "unlabelled"}, "data": creds.data})
+    runs.create(tiny_run("unlabelled", storage={"secretRef": "unlabelled"}))
+    runs.create(tiny_run("wrongimage", image="registry.example/miner:1"))
+    # A pinned public key that is not the half of the private key in its Secret.
+    key, public = keygen_secret("aggregator-key")
+    core.create_namespaced_secret(ns, key)
+    _, other = keygen_secret("unused")
+    runs.create(tiny_run("wrongkey", aggregator={"publicKey": other, "signingKeySecretRef": "aggregator-key"}))
+    runs.create(tiny_run("rightkey", aggregator={"publicKey": public, "signingKeySecretRef": "aggregator-key"}))
     runs.create(tiny_run("nobucket", storage={"uri": "s3://no-such-bucket/runs"}))
     huge = tiny_run("toobig")
     huge["spec"]["clients"][2]["resources"]["gpus"] = 16
@@ -90,6 +115,17 @@ def test_what_the_schema_cannot_see_becomes_a_condition(operator: Operator, runs
 
     assert "Secret" in str(ready("nosecret", "SecretNotFound")["message"])
     assert jobs_of(operator, "nosecret") == []
+    message = str(ready("unlabelled", "SecretNotFound")["message"])
+    assert message.startswith("spec.storage.secretRef: ") and "not labelled fedtune.io/credentials" in message
+    message = str(ready("wrongimage", "ImageNotAllowed")["message"])
+    assert message.startswith("spec.image: registry.example/miner:1 is not among") and "trainer:*" in message
+    message = str(ready("wrongkey", "KeyMismatch")["message"])
+    assert message.startswith("spec.aggregator.publicKey: ") and "does not match the private key" in message
+    assert all(jobs_of(operator, n) == [] for n in ("unlabelled", "wrongimage", "wrongkey"))
+    # The matching pair starts, and mounts the party's own Secret, not a generated one.
+    runs.wait_state("rightkey", "Running", timeout=120)
+    volumes = operator.cluster.batch().read_namespaced_job("rightkey-aggregator", ns).spec.template.spec.volumes
+    assert "aggregator-key" in {v.secret.secret_name for v in volumes if v.secret}
     assert "no-such-bucket" in str(ready("nobucket", "StorageUnreachable")["message"])
     assert jobs_of(operator, "nobucket") == []
     assert "nvidia.com/gpu" in str(ready("toobig", "Unschedulable")["message"])

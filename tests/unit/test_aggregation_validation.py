@@ -62,7 +62,7 @@ def test_norm_bound() -> None:
     norm = update_norm(good())
     assert abs(norm - (12 * 0.25) ** 0.5) < 1e-12
     assert validate_update(good(), GLOBAL, max_norm=norm) is None
-    assert "exceeds maxUpdateNorm" in (validate_update(good(), GLOBAL, max_norm=norm * 0.99) or "")
+    assert "exceeds the bound" in (validate_update(good(), GLOBAL, max_norm=norm * 0.99) or "")
 
 
 def test_sha256_mismatch_is_rejected() -> None:

@@ -57,7 +57,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   verbs: [create, get]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  # list: read the Secrets labelled fedtune.io/credentials (the operator selects by that label and reads
+  # no other); create: the signing keys it generates for parties that bring none.
+  verbs: [list, create]
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]

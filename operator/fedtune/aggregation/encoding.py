@@ -12,6 +12,7 @@ keeps the header small. Rounding is to nearest, so decoding is deterministic.
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import torch
@@ -99,6 +100,64 @@ def decode(data: bytes) -> State:
     if enc.startswith("int8"):
         return _dequantize(tensors, per_channel=enc == "int8-channel")
     return {k: v.to(torch.float32) for k, v in tensors.items()}
+
+
+_DTYPES = {"fp32": "F32", "bf16": "BF16", "int8": "I8", "int8-channel": "I8"}
+_ITEMSIZE = {"F32": 4, "BF16": 2, "I8": 1}
+# Room for the JSON header: its fixed part, and per tensor its name, dtype, shape and offsets.
+_HEADER_FIXED, _HEADER_PER_TENSOR = 1024, 512
+
+
+def expected_layout(reference: State, encoding: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (safetensors dtype, shape) of every tensor an honest update of `reference` carries."""
+    dtype = _DTYPES[encoding]
+    layout = {k: (dtype, tuple(v.shape)) for k, v in reference.items()}
+    if encoding.startswith("int8"):
+        rows = sum(_rows(v, encoding == "int8-channel") for v in reference.values())
+        layout[SCALES] = ("F32", (rows,))
+    return layout
+
+
+def size_bounds(reference: State, encoding: str) -> tuple[int, int]:
+    """The smallest and largest byte size an honest update can have, known before reading it."""
+    layout = expected_layout(reference, encoding)
+    data = sum(_ITEMSIZE[dt] * math.prod(shape) for dt, shape in layout.values())
+    return data + 8, data + 8 + _HEADER_FIXED + _HEADER_PER_TENSOR * len(layout)
+
+
+def check_header(data: bytes, reference: State, encoding: str) -> str | None:
+    """Why the safetensors header is not that of an honest update (keys, dtypes, shapes), or None.
+
+    Read before any tensor is decoded, so a hostile file costs no more than its header.
+    """
+    if len(data) < 8:
+        return "not a safetensors file (too short)"
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        return f"header claims {size} bytes, the object has {len(data) - 8} after its length"
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except ValueError:
+        return "not a safetensors file (bad header)"
+    if not isinstance(header, dict):
+        return "not a safetensors file (bad header)"
+    meta = header.pop("__metadata__", None) or {}
+    got_encoding = meta.get("encoding", "fp32") if isinstance(meta, dict) else None
+    if got_encoding != encoding:
+        return f"encoding {got_encoding!r}, the run uses {encoding!r}"
+    want = expected_layout(reference, encoding)
+    missing, extra = sorted(set(want) - set(header)), sorted(set(header) - set(want))
+    if missing:
+        return f"missing key {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    if extra:
+        return f"unexpected key {extra[0]}"
+    for k, (dtype, shape) in want.items():
+        entry = header[k]
+        if not isinstance(entry, dict) or entry.get("dtype") != dtype:
+            return f"{k}: dtype {entry.get('dtype') if isinstance(entry, dict) else '?'}, expected {dtype}"
+        if tuple(entry.get("shape") or ()) != shape:
+            return f"{k}: shape {tuple(entry.get('shape') or ())}, expected {shape}"
+    return None
 
 
 def save_state(state: State) -> bytes:

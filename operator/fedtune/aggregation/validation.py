@@ -36,12 +36,18 @@ def check_digest(data: bytes, expected_sha256: str) -> str | None:
 
 
 @single_threaded()
-def validate_update(delta: State, trainable: State, max_norm: float | None) -> str | None:
+def all_finite(state: State) -> bool:
+    """Whether every value is finite (a global must be, before it is committed)."""
+    return all(math.isfinite(_norm(v)) for v in state.values())
+
+
+@single_threaded()
+def validate_update(delta: State, trainable: State, max_norm: float | None, reveal: bool = True) -> str | None:
     """Why the update must be rejected, or None if it is sound.
 
     `trainable` holds the global's tensors for the keys an update must carry, in their shapes. An
     update's tensors are floating point; decoding yields float32, so besides the global's own dtype
-    float32 is accepted.
+    float32 is accepted. `reveal: False` (under DP) keeps the update's own norm out of the reason.
     """
     missing = sorted(set(trainable) - set(delta))
     if missing:
@@ -63,5 +69,5 @@ def validate_update(delta: State, trainable: State, max_norm: float | None) -> s
     if max_norm is not None:
         norm = math.sqrt(sumsq)
         if not norm <= max_norm:
-            return f"L2 norm {norm:.4g} exceeds maxUpdateNorm {max_norm:g}"
+            return f"L2 norm {f'{norm:.4g} ' if reveal else ''}exceeds the bound {max_norm:.4g}"
     return None

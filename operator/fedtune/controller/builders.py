@@ -9,7 +9,16 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from fedtune.api.spec import API_GROUP, API_VERSION, KIND, ClientSpec, FederatedFineTune, ObjectMeta, PartySpec
+from fedtune.api.spec import (
+    API_GROUP,
+    API_VERSION,
+    CREDENTIALS_LABEL,
+    KIND,
+    ClientSpec,
+    FederatedFineTune,
+    ObjectMeta,
+    PartySpec,
+)
 from fedtune.federation.run_config import KEYS_FILE, RESOURCE_FILE, resource_json
 from fedtune.federation.signing import AGGREGATOR, KEY_FILE, Trust, client_party
 from fedtune.storage import join
@@ -250,10 +259,12 @@ def spec_config_map(res: FederatedFineTune, trust: Trust) -> Manifest:
 
 def key_secret(res: FederatedFineTune, party: str, private_pem: str) -> Manifest:
     """A signing key the operator generated for one party of this run; mounted into that party's pod only."""
+    meta = _meta(res, key_secret_name(res.metadata.name, party), "signing-key")
+    meta["labels"][CREDENTIALS_LABEL] = "true"
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _meta(res, key_secret_name(res.metadata.name, party), "signing-key"),
+        "metadata": meta,
         "type": "Opaque",
         "stringData": {KEY_FILE: private_pem},
     }

@@ -229,7 +229,7 @@ def forget_trust(res: FederatedFineTune) -> None:
 
 
 def _ensure_children(kube: Kube, res: FederatedFineTune, observed: Observed) -> None:
-    """Check admission, then create what is missing; a no-op (no API call) while every Job exists."""
+    """Check admission and storage, then create what is missing; no API call while every Job exists."""
     meta = res.metadata
     wanted = {
         builders.aggregator_name(meta.name),
@@ -239,6 +239,9 @@ def _ensure_children(kube: Kube, res: FederatedFineTune, observed: Observed) -> 
         return
     secrets = kube.credentials(meta.namespace)
     observed.blocked = admission(res, secrets)
+    if observed.blocked is None and observed.storage_error:
+        # Pods that cannot reach their bucket would only crash-loop: wait for storage instead.
+        observed.blocked = ("StorageUnreachable", observed.storage_error)
     if observed.blocked is not None:
         return
     trust = pinned_trust(kube, res) or identities(kube, res, secrets)
@@ -257,7 +260,7 @@ def reconcile(kube: Kube, res: FederatedFineTune, generation: int, old_status: O
     try:
         store = run_store(res, coordinator_secret(kube, res))
         if trust is None:
-            store.exists(p.global_marker(0))  # reachable before any pod starts
+            store.list(p.LEASES)  # reachable before any pod starts (a HEAD reads a missing bucket as no key)
         else:
             observed.progress = read_progress(Ledger(store, trust), old_status.get("completedRounds"))
     except SignatureError as e:
@@ -273,8 +276,5 @@ def reconcile(kube: Kube, res: FederatedFineTune, generation: int, old_status: O
     elif not finished:
         _ensure_children(kube, res, observed)
         observed.jobs = kube.jobs(ns, name)
-    if observed.storage_error and not observed.jobs and observed.blocked is None:
-        # Pods that cannot reach their bucket would only crash-loop: wait for storage instead.
-        observed.blocked = ("StorageUnreachable", observed.storage_error)
     observed.pods = kube.pods(ns, name)
     return observed

@@ -185,6 +185,7 @@ def compute(o: Observed) -> Obj:
             "trainLoss": prog.last.train_loss,
             "evalLoss": prog.last.eval_loss,
             "epsilon": prog.last.epsilon,
+            "clientEpsilon": prog.last.client_epsilon or None,
             "seconds": round(prog.last.seconds, 3),
             "bytes": prog.last.bytes,
         }

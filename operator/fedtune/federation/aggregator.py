@@ -16,20 +16,29 @@ from pathlib import Path
 
 from fedtune import metrics
 from fedtune.aggregation import ClientUpdate, State, make_strategy
-from fedtune.aggregation.encoding import decode, load_state, save_state
-from fedtune.aggregation.validation import update_norm, validate_update
+from fedtune.aggregation.encoding import check_header, decode, load_state, save_state, size_bounds
+from fedtune.aggregation.validation import all_finite, update_norm, validate_update
 from fedtune.api import FederatedFineTuneSpec
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
 from fedtune.federation.lease import Lease, LeaseLost
 from fedtune.federation.polling import poll
+from fedtune.federation.protocol import IntegrityError
 from fedtune.federation.records import Ledger
-from fedtune.federation.signing import SignatureError
+from fedtune.federation.signing import AGGREGATOR, SignatureError
 from fedtune.privacy import ClientLevelDP
+from fedtune.storage import ObjectNotFound, StorageError
 from fedtune.training.model import adapter_state, build_model, load_adapter, trainable_keys
 from fedtune.training.tokenizer import build_tokenizer
 
 log = logging.getLogger("fedtune.aggregator")
+
+# Without maxUpdateNorm, an update may be at most this many times the global's norm (at least 1).
+DEFAULT_NORM_FACTOR = 100.0
+
+
+class Rejected(FedtuneError):
+    """An update that is the client's fault: recorded with this reason and never averaged in."""
 
 
 @dataclass
@@ -60,26 +69,39 @@ class Aggregator:
         self.trainable = trainable_keys(self.model)
         self.rounds = self.spec.aggregation.rounds
         self.dp = self._privacy()
+        # Under DP: rounds each client has taken part in, carried in the round summaries.
+        self.taken_part: dict[str, int] = {}
 
     def _privacy(self) -> ClientLevelDP | None:
         """Client-level DP for this run, or None (the spec guarantees a mean-based strategy with it)."""
         spec = self.spec
         if not spec.privacy.enabled:
             return None
-        return ClientLevelDP(spec.privacy, spec.clients_per_round, len(spec.clients), spec.seed)
+        return ClientLevelDP(spec.privacy)
+
+    def _selection(self, r: int) -> list[str]:
+        names = [c.name for c in self.spec.clients]
+        return p.select_clients(names, self.spec.clients_per_round, self.spec.seed, r)
 
     def _last_round(self, rounds_done: int) -> bool:
         """Whether no further round may run: all are done, or one more would exceed targetEpsilon."""
         return rounds_done >= self.rounds or self._stop_reason(rounds_done) is not None
 
     def _stop_reason(self, rounds_done: int) -> str | None:
-        """Why the run stops before its configured rounds (the privacy budget), or None."""
-        if self.dp is None or rounds_done >= self.rounds or self.dp.within_budget(rounds_done + 1):
+        """Why the run stops before its configured rounds (the privacy budget), or None.
+
+        The next round is refused if any client it selects would exceed targetEpsilon by taking part.
+        """
+        if self.dp is None or rounds_done >= self.rounds:
+            return None
+        worst = max(self._selection(rounds_done), key=lambda c: self.taken_part.get(c, 0))
+        if self.dp.within_budget(self.taken_part.get(worst, 0) + 1):
             return None
         return (
-            f"privacy.targetEpsilon: round {rounds_done} would raise epsilon to "
-            f"{self.dp.epsilon(rounds_done + 1):.4g} > {self.spec.privacy.target_epsilon:g} "
-            f"(delta={self.spec.privacy.delta:g}); stopped after {rounds_done} of {self.rounds} rounds"
+            f"privacy.targetEpsilon: round {rounds_done} would raise client {worst}'s epsilon to "
+            f"{self.dp.client_epsilon(self.taken_part.get(worst, 0) + 1):.4g} > "
+            f"{self.spec.privacy.target_epsilon:g} (delta={self.spec.privacy.delta:g}); "
+            f"stopped after {rounds_done} of {self.rounds} rounds"
         )
 
     # --- publishing -------------------------------------------------------------------------------
@@ -104,8 +126,7 @@ class Aggregator:
             sdata = save_state(server_state)
             state_sha = p.sha256(sdata)
             self.ledger.put_data(p.server_state(r, state_sha), sdata)
-        names = [c.name for c in self.spec.clients]
-        selected = names if final else p.select_clients(names, self.spec.clients_per_round, self.spec.seed, r)
+        selected = [c.name for c in self.spec.clients] if final else self._selection(r)
         marker = p.GlobalMarker(
             round=r,
             sha256=digest,
@@ -146,20 +167,58 @@ class Aggregator:
     # --- collecting -------------------------------------------------------------------------------
 
     def _read_update(self, gm: p.GlobalMarker, client: str, marker: p.UpdateMarker, reference: State) -> State:
-        """The decoded update, or FedtuneError with the reason it must be rejected."""
+        """The decoded update; Rejected with the reason it is the client's fault, StorageError if it is not.
+
+        Cheap checks come first: lineage and the weight from the marker, the object's size from a HEAD,
+        then its header, and only then its tensors.
+        """
         if marker.global_sha256 != gm.sha256:
-            raise FedtuneError(
-                f"trained on global {marker.global_sha256[:12]}…, not round {gm.round}'s {gm.sha256[:12]}…"
-            )
-        data = self.ledger.update_bytes(gm.round, client, marker)
+            raise Rejected(f"trained on global {marker.global_sha256[:12]}…, not round {gm.round}'s {gm.sha256[:12]}…")
+        cap = self.spec.client(client).data.max_examples
+        if not 1 <= marker.examples <= cap:
+            raise Rejected(f"examples {marker.examples} outside 1..{cap} (spec.clients[].data.maxExamples)")
+        encoding = str(self.spec.aggregation.encoding)
+        low, high = size_bounds(reference, encoding)
+        key = p.update_data(gm.round, client, marker.sha256)
+        try:
+            size = self.store.size(key)
+        except ObjectNotFound:
+            raise Rejected(f"{key}: named by its marker, not in storage") from None
+        if not low <= size <= high:
+            raise Rejected(f"{size} bytes, an update of this adapter in {encoding} has {low}..{high}")
+        try:
+            data = self.ledger.update_bytes(gm.round, client, marker)
+        except (IntegrityError, ObjectNotFound) as e:
+            raise Rejected(str(e)) from None
+        reason = check_header(data, reference, encoding)
+        if reason:
+            raise Rejected(reason)
         try:
             delta = decode(data)
         except Exception as e:  # any undecodable payload is the client's fault, never the aggregator's
-            raise FedtuneError(f"undecodable update: {e}") from None
-        reason = validate_update(delta, reference, self.spec.aggregation.max_update_norm)
+            raise Rejected(f"undecodable update: {e}") from None
+        reason = validate_update(delta, reference, self.norm_bound(reference), reveal=self.dp is None)
         if reason:
-            raise FedtuneError(reason)
+            raise Rejected(reason)
         return delta
+
+    def norm_bound(self, reference: State) -> float:
+        """maxUpdateNorm, or a bound derived from the global: no finite update may overflow the average."""
+        explicit = self.spec.aggregation.max_update_norm
+        return explicit if explicit is not None else DEFAULT_NORM_FACTOR * max(update_norm(reference), 1.0)
+
+    def _reject(self, gm: p.GlobalMarker, client: str, reason: str, seen: Collected) -> None:
+        """Record a rejection once, signed, so a restarted aggregator never reads that update again."""
+        seen.rejected[client] = reason
+        log.warning("round %d: rejected update of %s: %s", gm.round, client, reason)
+        metrics.UPDATES_REJECTED.labels(*self.labels, client).inc()
+        self.ledger.commit(p.rejection(gm.round, client), p.Rejection(client=client, reason=reason, round=gm.round))
+
+    def _recorded_rejections(self, gm: p.GlobalMarker, seen: Collected) -> None:
+        for client in gm.selected:
+            rec = self.ledger.read(p.rejection(gm.round, client), p.Rejection, AGGREGATOR)
+            if rec is not None:
+                seen.rejected[client] = rec.reason
 
     def _check_new(self, gm: p.GlobalMarker, reference: State, seen: Collected) -> None:
         for client in gm.selected:
@@ -167,47 +226,49 @@ class Aggregator:
                 continue
             try:
                 marker = self.ledger.update_marker(gm.round, client)
+                if marker is None:
+                    continue
+                delta = self._read_update(gm, client, marker, reference)
             except SignatureError as e:
                 if client not in seen.unsigned:
                     log.warning("round %d: update of %s does not verify (yet): %s", gm.round, client, e)
                 seen.unsigned[client] = str(e)
                 continue
-            except FedtuneError as e:
-                seen.rejected[client] = str(e)
-                log.warning("round %d: rejected update of %s: %s", gm.round, client, e)
-                metrics.UPDATES_REJECTED.labels(*self.labels, client).inc()
+            except ObjectNotFound:
                 continue
-            if marker is None:
+            except StorageError as e:  # the aggregator's side: retried on the next poll, never the client's fault
+                log.warning("round %d: storage error reading the update of %s (retrying): %s", gm.round, client, e)
                 continue
-            try:
-                delta = self._read_update(gm, client, marker, reference)
-            except FedtuneError as e:
-                seen.rejected[client] = str(e)
-                log.warning("round %d: rejected update of %s: %s", gm.round, client, e)
-                metrics.UPDATES_REJECTED.labels(*self.labels, client).inc()
+            except FedtuneError as e:  # Rejected, or a marker that is not a valid record
+                self._reject(gm, client, str(e), seen)
                 continue
             seen.accepted[client] = marker
             seen.norms[client] = update_norm(delta)
 
     def collect(self, gm: p.GlobalMarker, reference: State) -> Collected:
-        """Wait until every selected client is resolved, or the deadline passed with minClients accepted."""
+        """Wait until every selected client is resolved, or the round's time is up with minClients accepted.
+
+        The round's time runs on this process's monotonic clock from when it began collecting: a wall
+        clock that jumps, or a run resumed after a long outage, does not close a round early.
+        """
         seen = Collected()
+        self._recorded_rejections(gm, seen)
         need = self.spec.aggregation.min_clients
+        opened = time.monotonic()
+        timeout = self.spec.aggregation.round_timeout_seconds
 
         def done() -> bool | None:
             self._check_new(gm, reference, seen)
             if seen.resolved() >= set(gm.selected):
                 return True
-            if time.time() >= gm.deadline and len(seen.accepted) >= need:
+            if time.monotonic() - opened >= timeout and len(seen.accepted) >= need:
                 return True
             return None
 
         poll(done, what=f"updates of round {gm.round}")
         for client, why in seen.unsigned.items():
             if client not in seen.resolved():
-                seen.rejected[client] = why
-                log.warning("round %d: rejected update of %s: %s", gm.round, client, why)
-                metrics.UPDATES_REJECTED.labels(*self.labels, client).inc()
+                self._reject(gm, client, why, seen)
         return seen
 
     def _stream(self, gm: p.GlobalMarker, seen: Collected, reference: State) -> Iterator[ClientUpdate]:
@@ -215,8 +276,8 @@ class Aggregator:
         for client, marker in sorted(seen.accepted.items()):
             try:
                 delta = self._read_update(gm, client, marker, reference)
-            except FedtuneError as e:
-                seen.rejected[client] = str(e)
+            except Rejected as e:  # the object changed since it was accepted
+                self._reject(gm, client, str(e), seen)
                 continue
             weight = self.spec.client(client).weight or float(marker.examples)
             yield ClientUpdate(client, weight, delta)
@@ -234,14 +295,18 @@ class Aggregator:
             updates: Iterator[ClientUpdate] = self._stream(gm, seen, reference)
             if self.dp is not None:
                 clipped = ((u.delta, seen.norms[u.client]) for u in updates)
-                mean, server = self.dp.private_mean(clipped, r, server)
+                mean, server = self.dp.private_mean(clipped, server)
                 updates = iter([ClientUpdate("dp-mean", 1.0, mean)])
             new_state, new_server = self.strategy.aggregate(state, updates, server)
+            kept = None if all_finite(new_state) and all_finite(new_server) else "the aggregate is not finite"
         else:
-            log.warning("round %d: %d valid updates, fewer than minClients; global kept", r, len(accepted))
+            kept = f"{len(accepted)} valid updates, fewer than minClients={self.spec.aggregation.min_clients}"
+        if kept is not None:
+            log.warning("round %d: global kept: %s", r, kept)
             new_state, new_server = state, server
         participants = sorted(c for c in accepted if c not in seen.rejected)
         summary = self._summary(gm, seen, participants)
+        summary.global_kept = kept
         self.lease.check()
         digest = self.ledger.put_summary(summary)
         final = self._last_round(r + 1)
@@ -250,6 +315,24 @@ class Aggregator:
 
     def _summary(self, gm: p.GlobalMarker, seen: Collected, participants: list[str]) -> p.RoundSummary:
         ms = {c: seen.accepted[c] for c in participants}
+        summary = p.RoundSummary(
+            round=gm.round,
+            participants=participants,
+            rejected=[p.Rejection(client=c, reason=why) for c, why in sorted(seen.rejected.items())],
+            missing=sorted(set(gm.selected) - seen.resolved()),
+            seconds=time.time() - gm.created,
+            bytes=sum(m.bytes for m in ms.values()),
+        )
+        if self.dp is not None:
+            # Only noised outputs are released: no single client's norm or loss, just what each has spent.
+            for c in participants:
+                self.taken_part[c] = self.taken_part.get(c, 0) + 1
+            eps = {c.name: self.dp.client_epsilon(self.taken_part.get(c.name, 0)) for c in self.spec.clients}
+            finite = {c: e for c, e in eps.items() if math.isfinite(e)}
+            summary.client_epsilon = finite
+            summary.epsilon = max(finite.values(), default=None)
+            summary.taken_part = dict(sorted(self.taken_part.items()))
+            return summary
         weights = {c: float(m.examples) for c, m in ms.items()}
         train = [(m.metrics.train_loss, weights[c]) for c, m in ms.items() if m.metrics.train_loss is not None]
         evals = [
@@ -257,26 +340,11 @@ class Aggregator:
             for m in ms.values()
             if m.metrics.eval_loss is not None
         ]
-        return p.RoundSummary(
-            round=gm.round,
-            participants=participants,
-            rejected=[p.Rejection(client=c, reason=why) for c, why in sorted(seen.rejected.items())],
-            missing=sorted(set(gm.selected) - seen.resolved()),
-            train_loss=_weighted(train),
-            eval_loss=_weighted(evals),
-            client_metrics={c: m.metrics for c, m in ms.items()},
-            seconds=time.time() - gm.created,
-            bytes=sum(m.bytes for m in ms.values()),
-            update_norms={c: seen.norms[c] for c in participants},
-            epsilon=self._epsilon(gm.round + 1),
-        )
-
-    def _epsilon(self, rounds_done: int) -> float | None:
-        """Epsilon spent after `rounds_done` rounds; None without DP (or without noise: unbounded)."""
-        if self.dp is None:
-            return None
-        eps = self.dp.epsilon(rounds_done)
-        return eps if math.isfinite(eps) else None
+        summary.train_loss = _weighted(train)
+        summary.eval_loss = _weighted(evals)
+        summary.client_metrics = {c: m.metrics for c, m in ms.items()}
+        summary.update_norms = {c: seen.norms[c] for c in participants}
+        return summary
 
     def _observe(self, s: p.RoundSummary, sizes: dict[str, int]) -> None:
         metrics.ROUNDS_COMPLETED.labels(*self.labels).set(s.round + 1)
@@ -290,6 +358,8 @@ class Aggregator:
             metrics.EVAL_LOSS.labels(*self.labels).set(s.eval_loss)
         if s.epsilon is not None:
             metrics.EPSILON.labels(*self.labels).set(s.epsilon)
+        for c, eps in s.client_epsilon.items():
+            metrics.CLIENT_EPSILON.labels(*self.labels, c).set(eps)
         log.info(
             "round %d closed: %d participants, train_loss=%s eval_loss=%s, %.1fs",
             s.round,
@@ -318,10 +388,13 @@ class Aggregator:
             # The same final global always saves to the same bytes, so a racing writer cannot make them differ.
             self.store.put(key, data)
         total = sum(e.eval_examples for e in evals.values())
+        released = self.dp is None  # under DP no client's own loss is released, nor their average
         final = p.FinalSummary(
             rounds=gm.round,
-            eval_loss=sum(e.eval_loss * e.eval_examples for e in evals.values()) / total if total else None,
-            client_eval_loss={c: e.eval_loss for c, e in sorted(evals.items())},
+            eval_loss=sum(e.eval_loss * e.eval_examples for e in evals.values()) / total
+            if total and released
+            else None,
+            client_eval_loss={c: e.eval_loss for c, e in sorted(evals.items())} if released else {},
             adapter=self.store.url(p.FINAL),
             adapter_sha256=p.sha256(files[p.FINAL_ADAPTER]),
             config_sha256=p.sha256(files[p.FINAL_CONFIG]),
@@ -354,6 +427,7 @@ class Aggregator:
     def _collect_evals(self, gm: p.GlobalMarker) -> dict[str, p.EvalMarker]:
         evals: dict[str, p.EvalMarker] = {}
         evals_rejected: set[str] = set()
+        opened, timeout = time.monotonic(), self.spec.aggregation.round_timeout_seconds
 
         def done() -> bool | None:
             for c in gm.selected:
@@ -367,7 +441,7 @@ class Aggregator:
                     if e is not None and e.global_sha256 == gm.sha256:
                         evals[c] = e
             answered = len(evals) + len(evals_rejected) == len(gm.selected)
-            return True if answered or time.time() >= gm.deadline else None
+            return True if answered or time.monotonic() - opened >= timeout else None
 
         poll(done, what="final evaluations")
         return evals
@@ -392,6 +466,8 @@ class Aggregator:
             latest = 0
         else:
             log.info("resuming at round %d", latest)
+            last = self.ledger.summary(latest - 1) if latest else None
+            self.taken_part = dict(last.taken_part) if last else {}
         while True:
             gm = self.read_global_marker(latest)
             if gm.final:

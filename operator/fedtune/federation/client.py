@@ -124,7 +124,8 @@ class Client:
             ),
         )
         self.ledger.commit_own(p.update_marker(gm.round, self.name), marker, p.UpdateMarker)
-        metrics.CLIENT_TRAIN_LOSS.labels(*self.labels).set(train_loss)
+        if not self.spec.privacy.enabled:  # under DP no metric carries one client's un-noised loss
+            metrics.CLIENT_TRAIN_LOSS.labels(*self.labels).set(train_loss)
         metrics.CLIENT_STEPS.labels(*self.labels).inc(steps)
         log.info(
             "round %d: trained %d steps, train_loss=%.4f eval_loss=%.4f",

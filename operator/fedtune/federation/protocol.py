@@ -72,6 +72,11 @@ def eval_marker(r: int, client: str) -> str:
     return f"{client_dir(client)}/evals/{r:06d}.json"
 
 
+def rejection(r: int, client: str) -> str:
+    """The aggregator's record that a client's update of round r was rejected: never read again."""
+    return f"{round_dir(r)}/rejected/{client}.json"
+
+
 def lease_claim(epoch: int) -> str:
     return f"{LEASES}/{epoch:06d}.json"
 
@@ -139,6 +144,7 @@ class EvalMarker(Record):
 class Rejection(Record):
     client: str
     reason: str
+    round: int | None = None
 
 
 class RoundSummary(Record):
@@ -154,7 +160,12 @@ class RoundSummary(Record):
     seconds: float
     bytes: int
     update_norms: dict[str, float] = Field(default_factory=dict)
-    epsilon: float | None = None
+    epsilon: float | None = Field(None, description="Under DP: the largest epsilon any client has spent.")
+    client_epsilon: dict[str, float] = Field(default_factory=dict, description="Under DP: epsilon per client.")
+    taken_part: dict[str, int] = Field(
+        default_factory=dict, description="Under DP: rounds each client has taken part in so far."
+    )
+    global_kept: str | None = Field(None, description="Why the round left the global unchanged, if it did.")
 
 
 class FinalSummary(Record):

@@ -1,9 +1,8 @@
 """Privacy accounting by opacus's Rényi-DP accountant (Mironov 2017; subsampled Gaussian, Mironov et al. 2019).
 
-One federated round is one step of the subsampled Gaussian mechanism: noise multiplier z on the sum of
-clipped updates, each client taking part with probability q = clientsPerRound / clients. The RDP
-analysis is for Poisson sampling of clients; fedtune samples a fixed number per round, the usual
-approximation in DP-FedAvg (McMahan et al. 2018). With every client in every round (q = 1) it is exact.
+One federated round is one step of the Gaussian mechanism: noise multiplier z on the sum of clipped
+updates. With a sampling rate q < 1 the analysis is that of Poisson-subsampled rounds; fedtune's own
+accounting uses q = 1 per client over the rounds it took part in, since the selection is public.
 """
 
 from __future__ import annotations

@@ -10,15 +10,16 @@ C ← C·exp(−η·(b̄ − γ)), b̄ the noised share of updates with norm ≤
 on the count (m updates; m/20 as the paper suggests). To keep the accountant's z the total, the
 update noise rises to z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) (the paper's Theorem 1); σ_b ≥ z bounds z_Δ by 1.16·z.
 
-The noise generator is seeded from the run's seed and the round, so a run is reproducible and a
-restarted aggregator adds the same noise. Whoever knows the seed can subtract the noise: treat the
-spec's seed as a secret of the aggregator under DP.
+The noise comes from the operating system's secure random source (os.urandom) inside the aggregator:
+it is never derived from the spec and never written anywhere, so knowing the seed and every released
+global does not let anyone subtract it. A restarted aggregator draws fresh noise for a round it had not
+committed; only committed outputs are ever released.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
+import os
 from collections.abc import Iterable
 
 import torch
@@ -32,10 +33,19 @@ State = dict[str, torch.Tensor]
 CLIP_NORM = "dp/clip_norm"
 
 
-def noise_generator(seed: int, r: int, stream: str) -> torch.Generator:
-    """A generator that depends only on the run's seed, the round and what the noise is for."""
-    digest = hashlib.sha256(f"fedtune-dp:{seed}:{r}:{stream}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+def secure_gaussian(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Standard normal float32 values from os.urandom by the Box-Muller transform.
+
+    torch's own generators are seeded and predictable; 53-bit uniforms from the OS's CSPRNG are not.
+    """
+    n = math.prod(shape)
+    pairs = (n + 1) // 2
+    bits = torch.frombuffer(bytearray(os.urandom(16 * pairs)), dtype=torch.int64)
+    u = ((bits >> 11).to(torch.float64) + 1.0) * 2.0**-53  # (0, 1]: log(u) is finite
+    radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))
+    angle = (2.0 * math.pi) * u[pairs:]
+    z = torch.cat((radius * torch.cos(angle), radius * torch.sin(angle)))[:n]
+    return z.to(torch.float32).reshape(shape)
 
 
 def clip(delta: State, norm: float, clip_norm: float) -> State:
@@ -61,16 +71,14 @@ def update_noise_multiplier(noise_multiplier: float, adaptive: bool, updates: in
     return float((noise_multiplier**-2 - (2 * sb) ** -2) ** -0.5)
 
 
-def next_clip_norm(
-    clip_norm: float, norms: list[float], spec: PrivacySpec, gen: torch.Generator | None = None
-) -> float:
+def next_clip_norm(clip_norm: float, norms: list[float], spec: PrivacySpec) -> float:
     """One geometric step of the clip norm towards the target quantile of `norms`."""
     if not norms:
         return clip_norm
     below = float(sum(n <= clip_norm for n in norms))
     sb = count_stddev(len(norms), spec.noise_multiplier)
     if sb > 0:
-        below += float(torch.randn((), generator=gen)) * sb
+        below += float(secure_gaussian((1,))) * sb
     share = below / len(norms)
     return clip_norm * math.exp(-spec.clip_learning_rate * (share - spec.target_quantile))
 
@@ -78,12 +86,8 @@ def next_clip_norm(
 class ClientLevelDP:
     """Clipping, noising and accounting for one run."""
 
-    def __init__(self, spec: PrivacySpec, clients_per_round: int, clients: int, seed: int) -> None:
-        if not 0 < clients_per_round <= clients:
-            raise FedtuneError(f"privacy: {clients_per_round} clients per round of {clients} is not a sampling rate")
+    def __init__(self, spec: PrivacySpec) -> None:
         self.spec = spec
-        self.sample_rate = clients_per_round / clients
-        self.seed = seed
 
     def clip_norm(self, server_state: State) -> float:
         """The clip norm in force: the spec's, or the adaptive one carried in the server state."""
@@ -92,8 +96,8 @@ class ClientLevelDP:
         return self.spec.clip_norm
 
     @single_threaded()
-    def private_mean(self, updates: Iterable[tuple[State, float]], r: int, server_state: State) -> tuple[State, State]:
-        """The noised mean of the clipped updates of round r, and the server state for the next round.
+    def private_mean(self, updates: Iterable[tuple[State, float]], server_state: State) -> tuple[State, State]:
+        """The noised mean of the clipped updates of one round, and the server state for the next round.
 
         `updates` yields (delta, its L2 norm) and is consumed once, one update at a time.
         """
@@ -110,23 +114,27 @@ class ClientLevelDP:
         if not norms:
             raise FedtuneError("privacy: no update to average")
         z = update_noise_multiplier(self.spec.noise_multiplier, self.spec.adaptive_clipping, len(norms))
-        gen = noise_generator(self.seed, r, "updates")
         for k in sorted(acc):
             v = acc[k]
             if z > 0:
-                v.add_(torch.randn(v.shape, generator=gen), alpha=z * c)
+                v.add_(secure_gaussian(v.shape), alpha=z * c)
             v.div_(len(norms))
         state = dict(server_state)
         if self.spec.adaptive_clipping:
-            nxt = next_clip_norm(c, norms, self.spec, noise_generator(self.seed, r, "clip"))
+            nxt = next_clip_norm(c, norms, self.spec)
             state[CLIP_NORM] = torch.tensor(nxt, dtype=torch.float64)
         return acc, state
 
-    def epsilon(self, rounds: int) -> float:
-        """ε spent after `rounds` rounds at the spec's δ."""
-        return epsilon(self.spec.noise_multiplier, self.sample_rate, rounds, self.spec.delta)
+    def client_epsilon(self, rounds_taken_part: int) -> float:
+        """ε a client has spent after taking part in that many rounds, at the spec's δ.
 
-    def within_budget(self, rounds: int) -> bool:
-        """Whether `rounds` rounds keep ε within targetEpsilon (always, without a target)."""
+        Who is selected is written in every global marker, so no client can count on the others not
+        knowing it took part: sampling does not amplify privacy here, and each round a client takes part
+        in costs it one unamplified Gaussian mechanism (sampling rate 1).
+        """
+        return epsilon(self.spec.noise_multiplier, 1.0, rounds_taken_part, self.spec.delta)
+
+    def within_budget(self, rounds_taken_part: int) -> bool:
+        """Whether a client that took part in that many rounds stays within targetEpsilon (no target: yes)."""
         target = self.spec.target_epsilon
-        return target is None or self.epsilon(rounds) <= target
+        return target is None or self.client_epsilon(rounds_taken_part) <= target

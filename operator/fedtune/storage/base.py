@@ -58,6 +58,10 @@ class ObjectStore(ABC):
     def child(self, prefix: str) -> ObjectStore:
         """The same store rooted at prefix."""
 
+    def size(self, key: str) -> int:
+        """The object's size in bytes, without reading it; ObjectNotFound if absent."""
+        return len(self.get(key))
+
     def check(self) -> None:
         """Raise a StorageError naming the URI if the store cannot be reached."""
         self.exists(".fedtune-probe")

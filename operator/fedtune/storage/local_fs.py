@@ -42,6 +42,12 @@ class FileStore(ObjectStore):
         except OSError as e:
             raise StorageError(f"{self.url(key)}: {e.strerror}") from None
 
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(f"{self.url(key)}: not found") from None
+
     def put(self, key: str, data: bytes) -> None:
         target = self._path(key)
         os.replace(self._tmp(target, data), target)

@@ -101,6 +101,12 @@ class S3Store(ObjectStore):
 
         return self._call(key, go)
 
+    def size(self, key: str) -> int:
+        def go() -> int:
+            return int(self._client.head_object(Bucket=self.bucket, Key=self._k(key))["ContentLength"])
+
+        return self._call(key, go)
+
     def put(self, key: str, data: bytes) -> None:
         self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data))
 

@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[3]
 SIMULATE = "fedtune.io/simulate"
 BUCKET = "fedtune"
 S3_SECRET = "fedtune-s3"
+# The label that lets a run reference a Secret (fedtune.api.spec.CREDENTIALS_LABEL).
+CREDENTIALS_LABEL = "fedtune.io/credentials"
 
 
 @dataclass
@@ -133,7 +135,7 @@ class Cluster:
             "bucket": BUCKET,
         }
         body = client.V1Secret(
-            metadata=client.V1ObjectMeta(name=name, namespace=namespace),
+            metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels={CREDENTIALS_LABEL: "true"}),
             data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
         )
         try:
