@@ -1,4 +1,4 @@
-"""Client-level DP: clipping, noise, adaptive clipping, and epsilon against opacus's own computation."""
+"""Client-level DP: clipping, secret noise, adaptive clipping, and epsilon against independent accountants."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedtune.api.spec import PrivacySpec
 from fedtune.privacy import CLIP_NORM, ClientLevelDP, clip, epsilon, next_clip_norm
-from fedtune.privacy.client_dp import update_noise_multiplier
+from fedtune.privacy.client_dp import secure_gaussian, update_noise_multiplier
 
 
 def norm(state: dict[str, torch.Tensor]) -> float:
@@ -28,27 +28,38 @@ def test_clip_scales_only_updates_above_the_norm() -> None:
 
 
 def test_private_mean_without_noise_is_the_uniform_mean_of_clipped_updates() -> None:
-    dp = ClientLevelDP(PrivacySpec(enabled=True, clip_norm=1.0, noise_multiplier=0.0), 2, 2, seed=0)
+    dp = ClientLevelDP(PrivacySpec(enabled=True, clip_norm=1.0, noise_multiplier=0.0))
     ups = [{"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([0.0, 0.5])}]
-    mean, state = dp.private_mean(((u, norm(u)) for u in ups), 0, {})
+    mean, state = dp.private_mean(((u, norm(u)) for u in ups), {})
     # [3, 4] has norm 5 → [0.6, 0.8]; mean with [0, 0.5]
     assert torch.allclose(mean["w"], torch.tensor([0.3, 0.65]))
     assert CLIP_NORM not in state
 
 
-def test_noise_has_the_stated_scale_and_is_reproducible() -> None:
+def test_noise_has_the_stated_scale_and_is_never_the_same_twice() -> None:
+    """Noise comes from the OS's secure source: the same spec, seed and round give different noise."""
     spec = PrivacySpec(enabled=True, clip_norm=0.5, noise_multiplier=2.0)
-    dp = ClientLevelDP(spec, 4, 10, seed=7)
+    dp = ClientLevelDP(spec)
     zero = {"w": torch.zeros(200_000)}
     ups = [(zero, 0.0)] * 4
-    a, _ = dp.private_mean(iter(ups), 3, {})
-    b, _ = dp.private_mean(iter(ups), 3, {})
-    c, _ = dp.private_mean(iter(ups), 4, {})
-    assert torch.equal(a["w"], b["w"])  # same seed and round: the same noise after a restart
-    assert not torch.equal(a["w"], c["w"])
+    a, _ = dp.private_mean(iter(ups), {})
+    b, _ = dp.private_mean(iter(ups), {})
+    assert not torch.equal(a["w"], b["w"])  # a restarted aggregator draws fresh noise
     # std on the sum is z·C = 1.0; on the mean of 4 it is 0.25
-    assert float(a["w"].std()) == pytest.approx(0.25, rel=0.01)
-    assert abs(float(a["w"].mean())) < 0.005
+    for noised in (a, b):
+        assert float(noised["w"].std()) == pytest.approx(0.25, rel=0.01)
+        assert abs(float(noised["w"].mean())) < 0.005
+    # Gaussian, not merely the right variance: the share within one sigma is 68.3%.
+    within = float((a["w"].abs() <= 0.25).float().mean())
+    assert within == pytest.approx(0.6827, abs=0.005)
+
+
+def test_secure_gaussian_depends_on_no_seed() -> None:
+    torch.manual_seed(0)
+    first = secure_gaussian((1000,))
+    torch.manual_seed(0)
+    assert not torch.equal(first, secure_gaussian((1000,)))
+    assert secure_gaussian((3, 5)).shape == (3, 5) and secure_gaussian((7,)).dtype == torch.float32
 
 
 @pytest.mark.parametrize("quantile", [0.3, 0.5, 0.9])
@@ -62,7 +73,7 @@ def test_adaptive_clipping_converges_to_the_target_quantile(quantile: float, noi
     c, trace = 0.1, []
     for _ in range(600):
         norms = torch.exp(0.5 * torch.randn(100, generator=gen)).tolist()
-        c = next_clip_norm(c, norms, spec, gen)
+        c = next_clip_norm(c, norms, spec)
         trace.append(c)
     true = math.exp(0.5 * math.sqrt(2) * torch.special.erfinv(torch.tensor(2 * quantile - 1)).item())
     settled = sum(trace[-200:]) / 200
@@ -71,9 +82,9 @@ def test_adaptive_clipping_converges_to_the_target_quantile(quantile: float, noi
 
 def test_adaptive_clip_norm_is_carried_in_the_server_state() -> None:
     spec = PrivacySpec(enabled=True, clip_norm=1.0, adaptive_clipping=True, noise_multiplier=0.0)
-    dp = ClientLevelDP(spec, 3, 3, seed=0)
+    dp = ClientLevelDP(spec)
     ups = [({"w": torch.full((1,), 10.0)}, 10.0)] * 3  # all above: the clip norm must grow
-    _, state = dp.private_mean(iter(ups), 0, {})
+    _, state = dp.private_mean(iter(ups), {})
     grown = dp.clip_norm(state)
     assert grown == pytest.approx(math.exp(0.2 * 0.5))
     assert state[CLIP_NORM].dim() == 0
@@ -104,8 +115,35 @@ def test_epsilon_equals_the_librarys_own_computation(z: float, q: float, rounds:
 def test_epsilon_edges_and_budget() -> None:
     assert epsilon(1.0, 0.5, 0, 1e-5) == 0.0
     assert epsilon(0.0, 0.5, 3, 1e-5) == math.inf
-    dp = ClientLevelDP(PrivacySpec(enabled=True, noise_multiplier=1.0, target_epsilon=5.0), 2, 2, seed=0)
-    eps = [dp.epsilon(r) for r in range(1, 30)]
+    dp = ClientLevelDP(PrivacySpec(enabled=True, noise_multiplier=1.0, target_epsilon=5.0))
+    eps = [dp.client_epsilon(r) for r in range(1, 30)]
     assert eps == sorted(eps)
     last_ok = max(r for r in range(1, 30) if dp.within_budget(r))
-    assert dp.epsilon(last_ok) <= 5.0 < dp.epsilon(last_ok + 1)
+    assert dp.client_epsilon(last_ok) <= 5.0 < dp.client_epsilon(last_ok + 1)
+
+
+@pytest.mark.parametrize(("z", "taken_part", "delta"), [(1.0, 10, 1e-5), (0.7, 3, 1e-6), (4.0, 100, 1e-5)])
+def test_per_client_epsilon_matches_an_independent_accountant(z: float, taken_part: int, delta: float) -> None:
+    """A client's epsilon: the unamplified Gaussian mechanism composed over the rounds it took part in,
+    as Google's dp-accounting computes it (a different implementation of the same RDP analysis)."""
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    acc = RdpAccountant()
+    acc.compose(SelfComposedDpEvent(GaussianDpEvent(z), taken_part))
+    dp = ClientLevelDP(PrivacySpec(enabled=True, noise_multiplier=z, delta=delta))
+    assert dp.client_epsilon(taken_part) == pytest.approx(acc.get_epsilon(delta), rel=0.02)
+
+
+def test_public_selection_is_accounted_without_amplification() -> None:
+    """100 clients, 10 a round, z = 1, 100 rounds: amplification by sampling would claim about 7.9; a
+    typical client takes part in 10 rounds and, its selection being public, has spent about 19."""
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    sampled = RdpAccountant()
+    sampled.compose(SelfComposedDpEvent(PoissonSampledDpEvent(0.1, GaussianDpEvent(1.0)), 100))
+    assert epsilon(1.0, 0.1, 100, 1e-5) == pytest.approx(sampled.get_epsilon(1e-5), rel=0.02)
+    dp = ClientLevelDP(PrivacySpec(enabled=True, noise_multiplier=1.0, delta=1e-5))
+    assert dp.client_epsilon(10) == pytest.approx(19.05, abs=0.05)
+    assert dp.client_epsilon(10) > 2 * epsilon(1.0, 0.1, 100, 1e-5)

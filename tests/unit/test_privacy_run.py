@@ -39,11 +39,15 @@ def test_dp_run_reports_epsilon_and_stops_before_the_target(tmp_path: Path) -> N
 
     assert final.rounds == 2
     assert final.stopped_early is not None
-    assert final.stopped_early.startswith("privacy.targetEpsilon: round 2 would raise epsilon to 2.54")
+    assert final.stopped_early.startswith("privacy.targetEpsilon: round 2 would raise client alpha's epsilon to 2.54")
     for r in range(2):
         s = ledger.summary(r)
         assert s is not None and s.epsilon == epsilon(3.0, 1.0, r + 1, 1e-5)
+        assert s.client_epsilon == dict.fromkeys(("alpha", "beta", "gamma"), s.epsilon)
         assert s.epsilon <= target
+        # Released under DP: only noised outputs and what each client spent, no client's own norm or loss.
+        assert (s.client_metrics, s.update_norms, s.train_loss, s.eval_loss) == ({}, {}, None, None)
+    assert final.client_eval_loss == {} and final.eval_loss is None
     gm = ledger.global_marker(1)
     assert gm is not None and gm.server_state_sha256
     clip = float(load_state(ledger.server_state_bytes(gm) or b"")[CLIP_NORM])

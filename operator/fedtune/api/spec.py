@@ -360,7 +360,9 @@ class FederatedFineTuneSpec(SpecModel):
         max_length=512,
         description="Image of the aggregator and client pods.",
     )
-    seed: int = Field(0, ge=0, description="Seeds client sampling, data order, adapter init and noise.")
+    seed: int = Field(
+        0, ge=0, description="Seeds client sampling, data order and adapter init (never the privacy noise)."
+    )
     suspend: bool = Field(False, description="Remove the pods and hold the run; unsuspended, it resumes.")
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run after this long.")
     ttl_seconds_after_finished: int | None = Field(

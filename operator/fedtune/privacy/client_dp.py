@@ -41,7 +41,7 @@ def secure_gaussian(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     n = math.prod(shape)
     pairs = (n + 1) // 2
     bits = torch.frombuffer(bytearray(os.urandom(16 * pairs)), dtype=torch.int64)
-    u = ((bits >> 11).to(torch.float64) + 1.0) * 2.0**-53  # (0, 1]: log(u) is finite
+    u = (((bits >> 11) & (2**53 - 1)).to(torch.float64) + 1.0) * 2.0**-53  # (0, 1]: log(u) is finite
     radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))
     angle = (2.0 * math.pi) * u[pairs:]
     z = torch.cat((radius * torch.cos(angle), radius * torch.sin(angle)))[:n]

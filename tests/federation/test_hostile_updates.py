@@ -1,0 +1,145 @@
+"""A corpus of hostile updates: each is rejected with its reason, never crashes the aggregator, costs
+no more memory than an honest round, is not read again after a restart, and leaves the global exactly
+what the honest updates alone give."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from fedtune.aggregation.encoding import encode
+from fedtune.api import FederatedFineTuneSpec, parse_resource
+from fedtune.federation import protocol as p
+from fedtune.federation.aggregator import Aggregator, Collected
+from fedtune.storage import ObjectStore, open_store
+from fedtune.storage.memory import MemoryStore
+from fedtune.training.model import adapter_state
+from tests.federation.conftest import tiny_resource, write_data
+from tests.federation.parties import Parties, submit_update
+
+State = dict[str, torch.Tensor]
+HONEST = {"honest-a": (0.01, 10), "honest-b": (-0.02, 30)}
+
+
+def _claims_more(payload: bytes) -> bytes:
+    (size,) = struct.unpack("<Q", payload[:8])
+    return struct.pack("<Q", size + 10**6) + payload[8:]
+
+
+# name -> (how its payload is made from an honest delta and payload, marker fields, expected reason)
+CORPUS: dict[str, tuple[Callable[[State, bytes], bytes], dict[str, object], str]] = {
+    "zero-weight": (lambda d, b: b, {"examples": 0}, "examples 0 outside 1.."),
+    "huge-weight": (lambda d, b: b, {"examples": 10**12}, "outside 1.."),
+    "huge-values": (lambda d, b: encode({k: torch.full_like(v, 3e38) for k, v in d.items()}), {}, "exceeds the bound"),
+    "nan": (lambda d, b: encode({k: torch.full_like(v, float("nan")) for k, v in d.items()}), {}, "non-finite"),
+    "wrong-dtype": (
+        lambda d, b: st_save({k: v.half() for k, v in d.items()}, metadata={"encoding": "fp32"}),
+        {},
+        "dtype F16, expected F32",
+    ),
+    "extra-key": (lambda d, b: encode({**d, "extra.weight": torch.zeros(1)}), {}, "unexpected key extra.weight"),
+    "missing-key": (lambda d, b: encode(dict(list(d.items())[1:])), {}, "missing key"),
+    "oversized": (lambda d, b: b + bytes(9 * len(b)), {}, "bytes, an update of this adapter in fp32 has"),
+    "truncated": (lambda d, b: b[: len(b) // 2], {}, "bytes, an update of this adapter in fp32 has"),
+    "header-lies": (lambda d, b: _claims_more(b), {}, "header claims"),
+    "other-global": (lambda d, b: b, {"global_sha256": "0" * 64}, "trained on global 000000000000…"),
+}
+
+
+def spec_for(data: Path, names: list[str]) -> FederatedFineTuneSpec:
+    doc = tiny_resource(data, aggregation={"minClients": 2, "roundTimeoutSeconds": 600})
+    doc["spec"]["clients"] = [{"name": n, "data": {"uri": str(data / "alpha.jsonl")}} for n in names]
+    return parse_resource(doc).spec
+
+
+def play_round(store: ObjectStore, spec: FederatedFineTuneSpec) -> tuple[Parties, State, State, int]:
+    """Round 0 with every client of spec submitting; returns the old and new global and the peak bytes."""
+    parties = Parties(spec)
+    agg = parties.aggregator(store)
+    gm = agg.publish_global(0, adapter_state(agg.model), {})
+    state, _ = agg.load_global(gm)
+    for name in gm.selected:
+        scale, examples = HONEST.get(name, (0.01, 10))
+        delta = {k: torch.full_like(state[k], scale) for k in agg.trainable}
+        payload = encode(delta)
+        make, fields, _ = CORPUS.get(name, (lambda d, b: b, {}, ""))
+        stored = make(delta, payload)
+        marker = submit_update(parties.client(store, name), gm, name, stored, examples=examples)
+        if fields:  # a marker whose own fields lie: re-signed by the client, as a hostile client would
+            key = p.update_marker(0, name)
+            store.put(key, parties.client(store, name).signed(key, marker.model_copy(update=fields)))
+    tracemalloc.start()
+    agg.close_round(gm)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    new, _ = agg.load_global(agg.read_global_marker(1))
+    return parties, state, new, peak
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    write_data(tmp_path)
+    return tmp_path
+
+
+def test_every_hostile_update_is_rejected_and_the_global_is_the_honest_one(data: Path) -> None:
+    honest_store = open_store("memory://hostile-baseline/run")
+    _, _, honest_global, honest_peak = play_round(honest_store, spec_for(data, sorted(HONEST)))
+
+    names = sorted([*HONEST, *CORPUS])
+    store = open_store("memory://hostile/run")
+    parties, old, new, peak = play_round(store, spec_for(data, names))
+
+    ledger = parties.ledger(store)
+    summary = ledger.summary(0)
+    assert summary is not None
+    assert summary.participants == sorted(HONEST)
+    reasons = {r.client: r.reason for r in summary.rejected}
+    for name, (_, _, expected) in CORPUS.items():
+        assert expected in reasons[name], (name, reasons[name])
+    # Exactly the example-weighted mean of the honest deltas, as in the run without attackers.
+    mean = sum(scale * n for scale, n in HONEST.values()) / sum(n for _, n in HONEST.values())
+    for k, v in new.items():
+        if not torch.equal(v, old[k]):
+            torch.testing.assert_close(v, old[k] + mean, rtol=0, atol=1e-6)
+    assert all(torch.equal(new[k], honest_global[k]) for k in new)
+    assert peak <= 2 * honest_peak, (peak, honest_peak)
+
+
+class CountingStore(MemoryStore):
+    """Counts reads of client update objects."""
+
+    reads: list[str]
+
+    def get(self, key: str) -> bytes:
+        if key.endswith(".safetensors") and key.startswith(p.CLIENTS):
+            self.reads.append(key)
+        return super().get(key)
+
+
+def test_a_rejected_update_is_not_read_again_after_a_restart(data: Path) -> None:
+    spec = spec_for(data, ["honest-a", "honest-b", "nan"])
+    store = CountingStore("restart", "run")
+    store.reads = []
+    parties = Parties(spec)
+    first = parties.aggregator(store)
+    gm = first.publish_global(0, adapter_state(first.model), {})
+    state, _ = first.load_global(gm)
+    reference = {k: state[k] for k in first.trainable}
+    submit_update(parties.client(store, "nan"), gm, "nan", CORPUS["nan"][0](reference, b""))
+    first._check_new(gm, reference, Collected())
+    assert len(store.reads) == 1
+
+    store.reads.clear()
+    restarted = Aggregator(parties.ledger(store), spec)  # a new process: it reads what was recorded
+    seen = Collected()
+    restarted._recorded_rejections(gm, seen)
+    restarted._check_new(gm, reference, seen)
+    assert "non-finite" in seen.rejected["nan"]
+    assert store.reads == []
