@@ -38,13 +38,17 @@ CORPUS: dict[str, tuple[Callable[[State, bytes], bytes], dict[str, object], str]
     "huge-weight": (lambda d, b: b, {"examples": 10**12}, "outside 1.."),
     "huge-values": (lambda d, b: encode({k: torch.full_like(v, 3e38) for k, v in d.items()}), {}, "exceeds the bound"),
     "nan": (lambda d, b: encode({k: torch.full_like(v, float("nan")) for k, v in d.items()}), {}, "non-finite"),
-    "wrong-dtype": (
-        lambda d, b: st_save({k: v.half() for k, v in d.items()}, metadata={"encoding": "fp32"}),
+    "wrong-dtype": (  # the same size as an honest update, so only the header tells
+        lambda d, b: st_save({k: v.int() for k, v in d.items()}, metadata={"encoding": "fp32"}),
         {},
-        "dtype F16, expected F32",
+        "dtype I32, expected F32",
     ),
     "extra-key": (lambda d, b: encode({**d, "extra.weight": torch.zeros(1)}), {}, "unexpected key extra.weight"),
-    "missing-key": (lambda d, b: encode(dict(list(d.items())[1:])), {}, "missing key"),
+    "missing-key": (  # one tensor renamed: the same size, so only the header tells
+        lambda d, b: encode({("renamed" if i == 0 else k): v for i, (k, v) in enumerate(d.items())}),
+        {},
+        "missing key",
+    ),
     "oversized": (lambda d, b: b + bytes(9 * len(b)), {}, "bytes, an update of this adapter in fp32 has"),
     "truncated": (lambda d, b: b[: len(b) // 2], {}, "bytes, an update of this adapter in fp32 has"),
     "header-lies": (lambda d, b: _claims_more(b), {}, "header claims"),
@@ -53,7 +57,15 @@ CORPUS: dict[str, tuple[Callable[[State, bytes], bytes], dict[str, object], str]
 
 
 def spec_for(data: Path, names: list[str]) -> FederatedFineTuneSpec:
-    doc = tiny_resource(data, aggregation={"minClients": 2, "roundTimeoutSeconds": 600})
+    # An adapter of about 260 kB an update, so update bytes, not bookkeeping, set the memory peak.
+    doc = tiny_resource(
+        data,
+        aggregation={"minClients": 2, "roundTimeoutSeconds": 600},
+        peft={"r": 64, "alpha": 64},
+        model={
+            "config": {**tiny_resource(data)["spec"]["model"]["config"], "hidden_size": 256, "num_attention_heads": 4}
+        },
+    )
     doc["spec"]["clients"] = [{"name": n, "data": {"uri": str(data / "alpha.jsonl")}} for n in names]
     return parse_resource(doc).spec
 
@@ -113,9 +125,12 @@ def test_every_hostile_update_is_rejected_and_the_global_is_the_honest_one(data:
 
 
 class CountingStore(MemoryStore):
-    """Counts reads of client update objects."""
+    """Counts reads of client update objects (a size look-up is a HEAD, not a read)."""
 
     reads: list[str]
+
+    def size(self, key: str) -> int:
+        return len(super().get(key))
 
     def get(self, key: str) -> bytes:
         if key.endswith(".safetensors") and key.startswith(p.CLIENTS):

@@ -114,6 +114,40 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "at most 64 items",
     ),
     ("no-target-modules", {"peft": {"targetModules": []}}, "spec.peft.targetModules", "at least 1 items"),
+    (
+        "krum-with-too-few-updates",
+        {"aggregation": {"strategy": "krum", "byzantineClients": 1, "minClients": 2}},
+        "spec.aggregation.minClients",
+        "krum needs minClients >= 2*byzantineClients + 3",
+    ),
+    (
+        "bulyan-with-too-few-updates",
+        {
+            "aggregation": {"strategy": "bulyan", "byzantineClients": 1, "minClients": 6},
+            "clients": [{"name": f"c{i}", "data": {"uri": f"s3://fedtune/{i}.jsonl"}} for i in range(7)],
+        },
+        "spec.aggregation.minClients",
+        "bulyan needs minClients >= 4*byzantineClients + 3",
+    ),
+    ("ftp-storage", {"storage": {"uri": "ftp://host/runs"}}, "spec.storage.uri", "unsupported storage scheme"),
+    (
+        "ftp-data",
+        {"clients": [{"name": "a", "data": {"uri": "ftp://host/a.jsonl"}}]},
+        "spec.clients",
+        "unsupported scheme",
+    ),
+    (
+        "public-key-without-its-secret",
+        {"aggregator": {"publicKey": "ed25519:" + "A" * 43 + "="}},
+        "spec.aggregator",
+        "publicKey and signingKeySecretRef go together",
+    ),
+    (
+        "malformed-public-key",
+        {"aggregator": {"publicKey": "ssh-ed25519 AAAA"}},
+        "spec.aggregator.publicKey",
+        "should match",
+    ),
 ]
 
 

@@ -11,7 +11,16 @@ from typing import Any
 
 import yaml
 
-from fedtune.api.spec import API_GROUP, API_VERSION, KIND, MEAN_BASED, PLURAL, FederatedFineTuneSpec
+from fedtune.api.spec import (
+    API_GROUP,
+    API_VERSION,
+    BYZANTINE_MINIMUM,
+    KIND,
+    MEAN_BASED,
+    PLURAL,
+    STORAGE_SCHEMES,
+    FederatedFineTuneSpec,
+)
 
 SHORT_NAMES = ["fft", "fedtune"]
 CATEGORIES = ["fedtune"]
@@ -50,6 +59,30 @@ SPEC_RULES = [
         f"self.aggregation.strategy in {sorted(str(s) for s in MEAN_BASED)}",
         "message": "differential privacy needs a mean-based strategy (" + ", ".join(sorted(MEAN_BASED)) + ")",
         "fieldPath": ".privacy.enabled",
+    },
+]
+
+SPEC_RULES += [
+    {
+        "rule": f"!has(self.aggregation) || !has(self.aggregation.strategy) || self.aggregation.strategy != '{name}' "
+        f"|| (has(self.aggregation.minClients) ? self.aggregation.minClients : 1) >= "
+        f"{a} * (has(self.aggregation.byzantineClients) ? self.aggregation.byzantineClients : 0) + {b}",
+        "message": f"{name} needs minClients >= {a}*byzantineClients + {b}",
+        "fieldPath": ".aggregation.minClients",
+    }
+    for name, (a, b) in BYZANTINE_MINIMUM.items()
+]
+_SCHEME_OK = "!{0}.contains('://') || {0}.matches('^(" + "|".join(STORAGE_SCHEMES) + ")://')"
+SPEC_RULES += [
+    {
+        "rule": _SCHEME_OK.format("self.storage.uri"),
+        "message": f"unsupported storage scheme (supported: {', '.join(STORAGE_SCHEMES)})",
+        "fieldPath": ".storage.uri",
+    },
+    {
+        "rule": "self.clients.all(c, " + _SCHEME_OK.format("c.data.uri") + ")",
+        "message": f"a client's data.uri has an unsupported scheme (supported: {', '.join(STORAGE_SCHEMES)})",
+        "fieldPath": ".clients",
     },
 ]
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
+from fedtune.api.spec import STORAGE_SCHEMES as SCHEMES
 from fedtune.storage.base import ObjectStore, StorageError
 from fedtune.storage.local_fs import FileStore
 from fedtune.storage.memory import MemoryStore
-
-SCHEMES = ("file", "memory", "s3")
 
 
 def open_store(

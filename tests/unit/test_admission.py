@@ -1,0 +1,71 @@
+"""What admission refuses before a run starts: impossible robust settings, stores fedtune cannot reach,
+keys that cannot be a key. Each refusal names the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fedtune.api import SpecError, parse_resource
+
+CLIENTS = [{"name": f"c{i}", "data": {"uri": f"s3://b/{i}.jsonl"}} for i in range(7)]
+
+
+def doc(**spec: Any) -> dict[str, Any]:
+    body = {"model": {"name": "m"}, "clients": CLIENTS, **spec}
+    return {"apiVersion": "fedtune.io/v1alpha1", "kind": "FederatedFineTune", "metadata": {"name": "r"}, "spec": body}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "f", "min_clients", "ok"),
+    [
+        ("krum", 1, 4, False),
+        ("krum", 1, 5, True),
+        ("multikrum", 2, 6, False),
+        ("multikrum", 2, 7, True),
+        ("bulyan", 1, 6, False),
+        ("bulyan", 1, 7, True),
+        ("fedmedian", 3, 1, True),
+    ],
+)
+def test_robust_strategies_need_enough_updates_per_round(strategy: str, f: int, min_clients: int, ok: bool) -> None:
+    aggregation = {"strategy": strategy, "byzantineClients": f, "minClients": min_clients}
+    if ok:
+        parse_resource(doc(aggregation=aggregation))
+        return
+    with pytest.raises(SpecError) as e:
+        parse_resource(doc(aggregation=aggregation))
+    assert e.value.problems == [
+        f"spec.aggregation.minClients: {strategy} with byzantineClients={f} needs at least "
+        f"{'4' if strategy == 'bulyan' else '2'}f+3 = {(4 if strategy == 'bulyan' else 2) * f + 3} updates in a "
+        f"round; minClients is {min_clients}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"storage": {"uri": "ftp://host/runs"}}, "spec.storage.uri"),
+        ({"storage": {"uri": "gs://bucket/runs"}}, "spec.storage.uri"),
+        ({"clients": [{"name": "a", "data": {"uri": "http://x/a.jsonl"}}]}, "spec.clients[0].data.uri"),
+        (
+            {"clients": [{"name": "a", "data": {"uri": "s3://b/a.jsonl", "evalUri": "ftp://x"}}]},
+            "spec.clients[0].data.evalUri",
+        ),
+    ],
+)
+def test_unsupported_storage_schemes_are_refused(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_resource(doc(**spec))
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(f"{field}: unsupported storage scheme")
+    parse_resource(doc(storage={"uri": "relative/folder"}))
+
+
+def test_a_public_key_needs_its_secret_and_a_valid_form() -> None:
+    key = "ed25519:" + "A" * 43 + "="
+    with pytest.raises(SpecError, match=r"spec\.aggregator\.publicKey: publicKey and signingKeySecretRef go together"):
+        parse_resource(doc(aggregator={"publicKey": key}))
+    with pytest.raises(SpecError, match=r"spec\.clients\[0\]\.publicKey: String should match"):
+        parse_resource(doc(clients=[{**CLIENTS[0], "publicKey": "ssh-ed25519 AAAA", "signingKeySecretRef": "k"}]))
+    parse_resource(doc(aggregator={"publicKey": key, "signingKeySecretRef": "k"}))
