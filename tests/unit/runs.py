@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtune.api import FederatedFineTune, parse_resource
-from fedtune.federation.signing import Trust
+from fedtune.federation.signing import AGGREGATOR, Signer, Trust, encode_public
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "cluster" / "quickstart.yaml"
 UID = "0b7f5c8e-6a1d-4f2e-9c3b-5d8e7f6a1b2c"
@@ -22,12 +23,12 @@ def run(name: str = "quickstart", labels: dict[str, str] | None = None, **spec: 
     return parse_resource(doc)
 
 
+def _private(seed: int) -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32)
+
+
 def _public(seed: int) -> str:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from fedtune.federation.signing import encode_public
-
-    return encode_public(Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32).public_key())
+    return encode_public(_private(seed).public_key())
 
 
 def _trust() -> Trust:
@@ -39,3 +40,5 @@ def _trust() -> Trust:
 
 
 TRUST = _trust()
+# The aggregator's private half of TRUST, to sign records in tests.
+AGGREGATOR_SIGNER = Signer(TRUST.run, AGGREGATOR, _private(1))

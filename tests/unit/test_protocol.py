@@ -7,7 +7,7 @@ import pytest
 from fedtune.federation import protocol as p
 from fedtune.federation.records import Ledger
 from fedtune.storage.memory import MemoryStore
-from tests.unit.runs import TRUST
+from tests.unit.runs import AGGREGATOR_SIGNER, TRUST
 
 
 class CountingStore(MemoryStore):
@@ -25,10 +25,13 @@ class CountingStore(MemoryStore):
 
 def ledger_with(name: str, rounds: int) -> tuple[Ledger, CountingStore]:
     s = CountingStore(name)
+    ledger = Ledger(s, TRUST, AGGREGATOR_SIGNER)
     for r in range(rounds):
-        s.put(p.global_marker(r), b"{}")
-        s.put(p.update_marker(r, "a"), b"{}")
-    return Ledger(s, TRUST), s
+        ledger.commit(
+            p.global_marker(r), p.GlobalMarker(round=r, sha256="0" * 64, selected=[], deadline=0, epoch=1, created=0)
+        )
+    s.heads = 0
+    return ledger, s
 
 
 @pytest.mark.parametrize("rounds", [0, 1, 2, 3, 4, 5, 17, 64, 100])
@@ -38,6 +41,15 @@ def test_the_latest_global_is_found_without_listing(rounds: int) -> None:
     assert store.lists == 0
     # Doubling then bisecting: logarithmic in the number of rounds, not linear.
     assert store.heads <= 2 * max(rounds, 1).bit_length() + 2
+
+
+def test_a_marker_that_does_not_verify_is_not_the_latest(request: pytest.FixtureRequest) -> None:
+    """Forged markers past the real ones (a bucket without the policy) do not move any reader forward."""
+    ledger, store = ledger_with(request.node.name, 3)
+    for r in (3, 4, 9):
+        store.put(p.global_marker(r), b'{"round": 9}')
+    assert ledger.latest_global() == 2
+    assert ledger.latest_global(hint=1) == 2
 
 
 def test_a_hint_steps_forward(request: pytest.FixtureRequest) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "fedtune.io"
@@ -110,6 +110,7 @@ class PeftSpec(SpecModel):
 class DataFormat(StrEnum):
     TEXT = "text"
     PROMPT_RESPONSE = "prompt-response"
+    CHAT = "chat"
 
 
 class DataSpec(SpecModel):
@@ -123,12 +124,25 @@ class DataSpec(SpecModel):
     )
     format: DataFormat = Field(
         DataFormat.TEXT,
-        description='text: lines {"text": ...}; prompt-response: lines {"prompt": ..., "response": ...}.',
+        description='text: lines {"text": ...}; prompt-response: lines {"prompt": ..., "response": ...}; '
+        'chat: lines {"messages": [{"role": "system|user|assistant", "content": ...}]}, rendered with the '
+        "tokenizer's chat template, loss on assistant turns only.",
     )
     template: str = Field(
         "{prompt}\n{response}",
         max_length=4096,
-        description="How a prompt-response pair becomes text; loss is taken on the response only.",
+        description="How a prompt-response pair becomes text: {prompt} then {response}, once each, and {{ }} "
+        "for literal braces; nothing else is substituted. Loss is taken from {response} on.",
+        # The language _template_parts parses, for the API server, which cannot run Python.
+        json_schema_extra={
+            "pattern": r"^(?:[^{}]|\{\{|\}\})*\{prompt\}(?:[^{}]|\{\{|\}\})*\{response\}(?:[^{}]|\{\{|\}\})*$"
+        },
+    )
+    max_examples: int = Field(
+        100_000,
+        ge=1,
+        description="Read at most this many examples from each file (uri and evalUri); lines past it are not "
+        "read. Memory grows with the tokens kept, not with the file.",
     )
     eval_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of the examples held out for evaluation (seeded split)."
@@ -143,6 +157,49 @@ class DataSpec(SpecModel):
         "optionally AWS_ENDPOINT_URL); mounted into this client's pod only. Needs the label "
         f"{CREDENTIALS_LABEL}.",
     )
+
+    @field_validator("template")
+    @classmethod
+    def _valid_template(cls, value: str) -> str:
+        cls._template_parts(value)
+        return value
+
+    def template_parts(self) -> tuple[str, str, str]:
+        """(before, between, after): the text is before + prompt + between + response + after."""
+        return self._template_parts(self.template)
+
+    @staticmethod
+    def _template_parts(text: str) -> tuple[str, str, str]:
+        """A scanner, not str.format: format specs, conversions and field access would let a template
+        allocate without bound or reach attributes, so only the two names are placeholders."""
+        parts, names, i = [""], [], 0
+        while i < len(text):
+            pair = text[i : i + 2]
+            if pair in ("{{", "}}"):
+                parts[-1] += pair[0]
+                i += 2
+            elif pair[0] == "}":
+                raise ValueError(f"unbalanced }} at character {i + 1}; write }}}} for a literal brace")
+            elif pair[0] == "{":
+                end = text.find("}", i)
+                if end < 0:
+                    raise ValueError(f"unbalanced {{ at character {i + 1}; write {{{{ for a literal brace")
+                name = text[i + 1 : end]
+                if name not in ("prompt", "response"):
+                    shown = name[:40].encode("unicode_escape").decode()
+                    raise ValueError(f"unknown placeholder {{{shown}}}; only {{prompt}} and {{response}} are allowed")
+                names.append(name)
+                parts.append("")
+                i = end + 1
+            else:
+                parts[-1] += pair[0]
+                i += 1
+        if sorted(names) != ["prompt", "response"]:
+            found = ", ".join(f"{{{n}}}" for n in names) or "none"
+            raise ValueError(f"needs {{prompt}} and then {{response}}, once each (found: {found})")
+        if names[0] == "response":
+            raise ValueError("{response} must come after {prompt}: the prompt is everything before {response}")
+        return parts[0], parts[1], parts[2]
 
 
 class ResourcesSpec(SpecModel):
@@ -255,6 +312,12 @@ class Strategy(StrEnum):
     BULYAN = "bulyan"
 
 
+# Distance-based strategies need this many updates for f = byzantineClients (Blanchard et al. 2017;
+# El Mhamdi et al. 2018): a round may close with minClients updates, so minClients must reach it.
+BYZANTINE_MINIMUM = {"krum": (2, 3), "multikrum": (2, 3), "bulyan": (4, 3)}
+# Object stores fedtune can reach (fedtune.storage); a plain path is a local folder.
+STORAGE_SCHEMES = ("s3", "file", "memory")
+
 # Strategies whose result is a function of the (weighted) mean update alone: only these compose with
 # client-level differential privacy, which noises that mean.
 MEAN_BASED = frozenset(
@@ -297,6 +360,20 @@ class AggregationSpec(SpecModel):
         None, gt=0, description="Updates with a larger L2 norm are rejected; null disables the bound."
     )
     encoding: Encoding = Field(Encoding.FP32, description="How clients encode uploads: fp32, bf16, int8, int8-channel.")
+    max_failed_rounds: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="A round whose time runs out with fewer than minClients valid updates fails: the global is "
+        "kept and the round retried with a fresh sample. The run fails after this many failed rounds in a row.",
+    )
+    over_selection: int = Field(
+        0,
+        ge=0,
+        le=MAX_CLIENTS,
+        description="Select this many clients beyond clientsPerRound; the first clientsPerRound valid updates win, "
+        "so a round does not wait for stragglers.",
+    )
 
 
 class PrivacySpec(SpecModel):
@@ -384,12 +461,37 @@ class FederatedFineTuneSpec(SpecModel):
                 f"privacy.enabled: differential privacy noises the mean update, which strategy {agg.strategy} "
                 f"does not use; choose one of {', '.join(sorted(MEAN_BASED))}"
             )
+        if agg.strategy in BYZANTINE_MINIMUM:
+            a, b = BYZANTINE_MINIMUM[str(agg.strategy)]
+            need = a * agg.byzantine_clients + b
+            if agg.min_clients < need:
+                raise ValueError(
+                    f"aggregation.minClients: {agg.strategy} with byzantineClients={agg.byzantine_clients} needs "
+                    f"at least {a}f+{b} = {need} updates in a round; minClients is {agg.min_clients}"
+                )
+        for path, uri in [("storage.uri", self.storage.uri)] + [
+            (f"clients[{i}].data.{f}", u)
+            for i, c in enumerate(self.clients)
+            for f, u in (("uri", c.data.uri), ("evalUri", c.data.eval_uri))
+            if u
+        ]:
+            scheme = uri.split("://", 1)[0] if "://" in uri else None
+            if scheme is not None and scheme not in STORAGE_SCHEMES:
+                raise ValueError(
+                    f"{path}: unsupported storage scheme {scheme!r} (supported: {', '.join(STORAGE_SCHEMES)}, "
+                    "or a plain path)"
+                )
         if agg.min_clients > len(self.clients):
             raise ValueError(f"aggregation.minClients: {agg.min_clients} is more than the {len(self.clients)} clients")
         if agg.clients_per_round is not None:
             if agg.clients_per_round > len(self.clients):
                 raise ValueError(
                     f"aggregation.clientsPerRound: {agg.clients_per_round} is more than the {len(self.clients)} clients"
+                )
+            if agg.clients_per_round + agg.over_selection > len(self.clients):
+                raise ValueError(
+                    f"aggregation.overSelection: clientsPerRound {agg.clients_per_round} + overSelection "
+                    f"{agg.over_selection} is more than the {len(self.clients)} clients"
                 )
             if agg.min_clients > agg.clients_per_round:
                 raise ValueError(

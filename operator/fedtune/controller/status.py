@@ -126,11 +126,15 @@ def compute(o: Observed) -> Obj:
 
     prog = o.progress
     total = spec.aggregation.rounds
-    completed = prog.final.rounds if prog.final else (prog.committed or 0)
-    failure = None if prog.final else _failure(o, clients, agg_state)
+    failed_rounds = prog.last.failed_total if prog.last else 0
+    completed = prog.final.rounds if prog.final else max((prog.committed or 0) - failed_rounds, 0)
+    if prog.final is not None and prog.final.failed:
+        failure: tuple[str, str] | None = ("RoundsFailed", prog.final.failed)
+    else:
+        failure = None if prog.final else _failure(o, clients, agg_state)
     unschedulable = _unschedulable(o.pods)
 
-    if prog.final is not None:
+    if prog.final is not None and failure is None:
         state, reason, message = SUCCEEDED, "RunSucceeded", f"{completed} rounds done; adapter at {prog.final.adapter}"
     elif failure is not None:
         state, (reason, message) = FAILED, failure
@@ -188,6 +192,8 @@ def compute(o: Observed) -> Obj:
             "clientEpsilon": prog.last.client_epsilon or None,
             "seconds": round(prog.last.seconds, 3),
             "bytes": prog.last.bytes,
+            "failed": prog.last.failed,
+            "excluded": sorted(prog.last.excluded) or None,
         }
     if prog.final is not None:
         status["adapterURI"] = prog.final.adapter

@@ -50,6 +50,8 @@ class Collected:
     norms: dict[str, float] = field(default_factory=dict)
     # Markers whose signature fails: unresolved until the deadline, since the owner may still replace them.
     unsigned: dict[str, str] = field(default_factory=dict)
+    # Whether the round closed because its time ran out (not on its target of valid updates).
+    timed_out: bool = False
 
     def resolved(self) -> set[str]:
         return set(self.accepted) | set(self.rejected)
@@ -69,8 +71,11 @@ class Aggregator:
         self.trainable = trainable_keys(self.model)
         self.rounds = self.spec.aggregation.rounds
         self.dp = self._privacy()
-        # Under DP: rounds each client has taken part in, carried in the round summaries.
-        self.taken_part: dict[str, int] = {}
+        # Carried from round summary to round summary, so a restarted aggregator picks them up.
+        self.taken_part: dict[str, int] = {}  # under DP: rounds each client has taken part in
+        self.failed_streak = 0
+        self.failed_total = 0
+        self.excluded: dict[str, str] = {}  # clients that did not answer -> their ready nonce then
 
     def _privacy(self) -> ClientLevelDP | None:
         """Client-level DP for this run, or None (the spec guarantees a mean-based strategy with it)."""
@@ -79,20 +84,42 @@ class Aggregator:
             return None
         return ClientLevelDP(spec.privacy)
 
+    def _eligible(self) -> list[str]:
+        """Clients that may be sampled: all but those that stopped answering and have not restarted since."""
+        for client, nonce in list(self.excluded.items()):
+            if self.ledger.ready_nonce(client) != nonce:
+                log.info("client %s is back (a new ready record); sampled again", client)
+                del self.excluded[client]
+        return [c.name for c in self.spec.clients if c.name not in self.excluded]
+
     def _selection(self, r: int) -> list[str]:
-        names = [c.name for c in self.spec.clients]
-        return p.select_clients(names, self.spec.clients_per_round, self.spec.seed, r)
+        """Round r's sample, seeded by the run: clientsPerRound plus overSelection of the eligible clients."""
+        eligible = self._eligible()
+        k = min(self.spec.clients_per_round + self.spec.aggregation.over_selection, len(eligible))
+        return p.select_clients(eligible, k, self.spec.seed, r)
 
     def _last_round(self, rounds_done: int) -> bool:
-        """Whether no further round may run: all are done, or one more would exceed targetEpsilon."""
-        return rounds_done >= self.rounds or self._stop_reason(rounds_done) is not None
+        """Whether no further round may run: all are done, too many failed, or one more would exceed
+        targetEpsilon. `rounds_done` counts closed rounds, failed ones included."""
+        return (
+            rounds_done - self.failed_total >= self.rounds
+            or self._failure() is not None
+            or self._stop_reason(rounds_done) is not None
+        )
+
+    def _failure(self) -> str | None:
+        """Why the run fails: more failed rounds in a row than maxFailedRounds allows."""
+        limit = self.spec.aggregation.max_failed_rounds
+        if self.failed_streak <= limit:
+            return None
+        return f"aggregation.maxFailedRounds: {self.failed_streak} rounds in a row failed (the limit is {limit})"
 
     def _stop_reason(self, rounds_done: int) -> str | None:
         """Why the run stops before its configured rounds (the privacy budget), or None.
 
         The next round is refused if any client it selects would exceed targetEpsilon by taking part.
         """
-        if self.dp is None or rounds_done >= self.rounds:
+        if self.dp is None or rounds_done - self.failed_total >= self.rounds:
             return None
         worst = max(self._selection(rounds_done), key=lambda c: self.taken_part.get(c, 0))
         if self.dp.within_budget(self.taken_part.get(worst, 0) + 1):
@@ -246,7 +273,8 @@ class Aggregator:
             seen.norms[client] = update_norm(delta)
 
     def collect(self, gm: p.GlobalMarker, reference: State) -> Collected:
-        """Wait until every selected client is resolved, or the round's time is up with minClients accepted.
+        """Wait until clientsPerRound updates are accepted, every selected client is resolved, or the round's
+        time is up; every wait ends. With fewer than minClients valid updates the round then fails.
 
         The round's time runs on this process's monotonic clock from when it began collecting: a wall
         clock that jumps, or a run resumed after a long outage, does not close a round early.
@@ -257,11 +285,21 @@ class Aggregator:
         opened = time.monotonic()
         timeout = self.spec.aggregation.round_timeout_seconds
 
+        target = min(self.spec.clients_per_round, len(gm.selected))
+
         def done() -> bool | None:
             self._check_new(gm, reference, seen)
-            if seen.resolved() >= set(gm.selected):
+            if seen.resolved() >= set(gm.selected) or len(seen.accepted) >= target:
                 return True
-            if time.monotonic() - opened >= timeout and len(seen.accepted) >= need:
+            if time.monotonic() - opened >= timeout:
+                seen.timed_out = True
+                if len(seen.accepted) < need:
+                    log.warning(
+                        "round %d: time is up with %d of minClients=%d valid updates",
+                        gm.round,
+                        len(seen.accepted),
+                        need,
+                    )
                 return True
             return None
 
@@ -285,28 +323,45 @@ class Aggregator:
     # --- one round --------------------------------------------------------------------------------
 
     def close_round(self, gm: p.GlobalMarker) -> None:
-        """Aggregate round gm.round and commit the global of the next round."""
+        """Aggregate round gm.round and commit the global of the next round (the same one if the round failed)."""
         r = gm.round
         state, server = self.load_global(gm)
         reference = {k: state[k] for k in self.trainable}
         seen = self.collect(gm, reference)
-        accepted = dict(seen.accepted)
-        if len(accepted) >= self.spec.aggregation.min_clients:
+        # Only a round whose time ran out shows who stopped answering; over-selected stragglers did not.
+        answered = seen.resolved() | set(self.excluded) if seen.timed_out else set(gm.selected)
+        # With over-selection, the first clientsPerRound valid updates win; later ones are left out.
+        winners = list(seen.accepted)[: self.spec.clients_per_round]
+        seen.accepted = {c: seen.accepted[c] for c in winners}
+        need = self.spec.aggregation.min_clients
+        failed: str | None = None
+        if len(seen.accepted) >= need:
             updates: Iterator[ClientUpdate] = self._stream(gm, seen, reference)
             if self.dp is not None:
                 clipped = ((u.delta, seen.norms[u.client]) for u in updates)
-                mean, server = self.dp.private_mean(clipped, server)
+                mean, server_next = self.dp.private_mean(clipped, server)
                 updates = iter([ClientUpdate("dp-mean", 1.0, mean)])
-            new_state, new_server = self.strategy.aggregate(state, updates, server)
-            kept = None if all_finite(new_state) and all_finite(new_server) else "the aggregate is not finite"
+                new_state, new_server = self.strategy.aggregate(state, updates, server_next)
+            else:
+                new_state, new_server = self.strategy.aggregate(state, updates, server)
+            if not (all_finite(new_state) and all_finite(new_server)):
+                failed = "the aggregate is not finite"
         else:
-            kept = f"{len(accepted)} valid updates, fewer than minClients={self.spec.aggregation.min_clients}"
-        if kept is not None:
-            log.warning("round %d: global kept: %s", r, kept)
+            failed = f"{len(seen.accepted)} valid updates, fewer than minClients={need}"
+        if failed is not None:
+            log.warning("round %d failed, global kept: %s", r, failed)
             new_state, new_server = state, server
-        participants = sorted(c for c in accepted if c not in seen.rejected)
+        accepted = seen.accepted
+        participants = [] if failed else sorted(c for c in accepted if c not in seen.rejected)
+        for client in sorted(set(gm.selected) - answered):
+            self.excluded[client] = self.ledger.ready_nonce(client)
+            log.warning("round %d: %s did not answer; left out of sampling until it restarts", r, client)
+        self.failed_streak = self.failed_streak + 1 if failed else 0
+        self.failed_total += 1 if failed else 0
         summary = self._summary(gm, seen, participants)
-        summary.global_kept = kept
+        summary.failed = failed
+        summary.failed_streak, summary.failed_total = self.failed_streak, self.failed_total
+        summary.excluded = dict(sorted(self.excluded.items()))
         self.lease.check()
         digest = self.ledger.put_summary(summary)
         final = self._last_round(r + 1)
@@ -390,7 +445,8 @@ class Aggregator:
         total = sum(e.eval_examples for e in evals.values())
         released = self.dp is None  # under DP no client's own loss is released, nor their average
         final = p.FinalSummary(
-            rounds=gm.round,
+            rounds=gm.round - self.failed_total,
+            failed=self._failure(),
             eval_loss=sum(e.eval_loss * e.eval_examples for e in evals.values()) / total
             if total and released
             else None,
@@ -467,7 +523,10 @@ class Aggregator:
         else:
             log.info("resuming at round %d", latest)
             last = self.ledger.summary(latest - 1) if latest else None
-            self.taken_part = dict(last.taken_part) if last else {}
+            if last is not None:
+                self.taken_part = dict(last.taken_part)
+                self.failed_streak, self.failed_total = last.failed_streak, last.failed_total
+                self.excluded = dict(last.excluded)
         while True:
             gm = self.read_global_marker(latest)
             if gm.final:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -59,12 +60,14 @@ class Client:
         endpoint = self.spec.storage.endpoint
         max_len = self.spec.training.max_length
         creds = self.data_credentials
-        examples = d.tokenize(
-            d.read_jsonl(cs.data.uri, f"{where}.uri", endpoint, creds), cs.data, self.tokenizer, max_len, where
-        )
+
+        def load(uri: str, field: str) -> list[d.Example]:
+            records = d.read_jsonl(uri, cs.data, f"{where}.{field}", endpoint, creds)
+            return d.tokenize(records, cs.data, self.tokenizer, max_len, where)
+
+        examples = load(cs.data.uri, "uri")
         if cs.data.eval_uri:
-            held = d.read_jsonl(cs.data.eval_uri, f"{where}.evalUri", endpoint, creds)
-            return examples, d.tokenize(held, cs.data, self.tokenizer, max_len, where)
+            return examples, load(cs.data.eval_uri, "evalUri")
         return d.split(examples, cs.data.eval_fraction, self.spec.seed)
 
     @property
@@ -145,6 +148,9 @@ class Client:
         log.info("final global: eval_loss=%.4f", loss)
 
     def run(self) -> None:
+        # A new nonce on every start tells the aggregator this client is back if it had stopped answering.
+        ready = p.ReadyRecord(client=self.name, nonce=uuid.uuid4().hex, started=time.time())
+        self.store.put(p.ready(self.name), self.ledger.signed(p.ready(self.name), ready))
         seen = -1
         while True:
             latest = poll(partial(_newer, self.ledger, seen), what="the next global")

@@ -2,8 +2,10 @@
 
 The aggregator writes `coordinator/` and reads `clients/`; client c reads `coordinator/` and writes only
 `clients/c/`, may not delete and may not list. Only the coordinator deletes (storage.keep: false).
-Principals are whatever names the storage server knows the parties' accounts by (IAM ARNs on AWS,
-account names on versitygw or MinIO).
+Principals are whatever names the storage server knows the parties' accounts by: IAM ARNs on AWS,
+access key ids on versitygw's internal IAM (which the test harness makes equal to the account name).
+Every construct used here (Principal {"AWS": [...]}, explicit Deny, the s3:prefix condition on
+ListBucket) is enforced by versitygw v1.8.0 as on AWS; the Sids are informational only.
 """
 
 from __future__ import annotations

@@ -68,6 +68,10 @@ def update_marker(r: int, client: str) -> str:
     return f"{client_dir(client)}/rounds/{r:06d}/update.json"
 
 
+def ready(client: str) -> str:
+    return f"{client_dir(client)}/ready.json"
+
+
 def eval_marker(r: int, client: str) -> str:
     return f"{client_dir(client)}/evals/{r:06d}.json"
 
@@ -165,13 +169,19 @@ class RoundSummary(Record):
     taken_part: dict[str, int] = Field(
         default_factory=dict, description="Under DP: rounds each client has taken part in so far."
     )
-    global_kept: str | None = Field(None, description="Why the round left the global unchanged, if it did.")
+    failed: str | None = Field(None, description="Why the round failed and left the global unchanged, if it did.")
+    failed_streak: int = Field(0, description="Failed rounds in a row, this one included.")
+    failed_total: int = Field(0, description="Failed rounds so far, this one included.")
+    excluded: dict[str, str] = Field(
+        default_factory=dict,
+        description="Clients left out of sampling since they did not answer, with the ready nonce they had then.",
+    )
 
 
 class FinalSummary(Record):
     """The run's result: the adapter's digests and the chain of globals that led to it."""
 
-    rounds: int
+    rounds: int = Field(description="Rounds that updated the global (failed rounds not counted).")
     eval_loss: float | None = None
     client_eval_loss: dict[str, float] = Field(default_factory=dict)
     adapter: str
@@ -179,7 +189,16 @@ class FinalSummary(Record):
     config_sha256: str
     chain: list[str] = Field(description="sha256 of every global from round 0 to the final one.")
     stopped_early: str | None = None
+    failed: str | None = Field(None, description="Why the run failed, if it did (too many failed rounds).")
     epoch: int
+
+
+class ReadyRecord(Record):
+    """A client's sign of life, rewritten each time it starts: a new nonce readmits it to sampling."""
+
+    client: str
+    nonce: str
+    started: float
 
 
 class SpecRecord(Record):

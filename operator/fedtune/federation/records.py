@@ -167,5 +167,13 @@ class Ledger:
     def update_bytes(self, r: int, client: str, marker: p.UpdateMarker) -> bytes:
         return self.data(p.update_data(r, client, marker.sha256), marker.sha256)
 
+    def ready_nonce(self, client: str) -> str:
+        """The nonce of the client's latest ready record ('' if none, or if it does not verify)."""
+        try:
+            rec = self.read(p.ready(client), p.ReadyRecord, client_party(client))
+        except FedtuneError:
+            return ""
+        return rec.nonce if rec is not None and rec.client == client else ""
+
     def eval_marker(self, r: int, client: str) -> p.EvalMarker | None:
         return self._client_record(p.eval_marker(r, client), p.EvalMarker, client, r)

@@ -90,6 +90,10 @@ def _verify_final(ledger: Ledger, last: p.GlobalMarker, final: p.FinalSummary) -
     _check(last.final, where, f"written while round {last.round}'s global is not final")
     chain = [ledger.global_marker(r) for r in range(last.round + 1)]
     _check(final.chain == [g.sha256 for g in chain if g], where, "its chain differs from the committed globals")
-    _check(final.rounds == last.round, where, f"names {final.rounds} rounds, the chain has {last.round}")
+    closed = ledger.summary(last.round - 1) if last.round else None
+    failed = closed.failed_total if closed else 0
+    _check(
+        final.rounds == last.round - failed, where, f"names {final.rounds} rounds, the chain has {last.round - failed}"
+    )
     ledger.data(p.FINAL_ADAPTER, final.adapter_sha256)
     ledger.data(p.FINAL_CONFIG, final.config_sha256)

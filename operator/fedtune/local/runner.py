@@ -85,9 +85,11 @@ def preflight(spec: FederatedFineTuneSpec, store: ObjectStore) -> None:
     """Problems a user can fix, found before any process starts: unreachable storage, unreadable data."""
     store.check()
     for i, c in enumerate(spec.clients):
-        read_jsonl(c.data.uri, f"spec.clients[{i}].data.uri", spec.storage.endpoint)
-        if c.data.eval_uri:
-            read_jsonl(c.data.eval_uri, f"spec.clients[{i}].data.evalUri", spec.storage.endpoint)
+        for field, uri in (("uri", c.data.uri), ("evalUri", c.data.eval_uri)):
+            if uri:
+                # Reading every record checks every line a client will read, holding one line at a time.
+                for _ in read_jsonl(uri, c.data, f"spec.clients[{i}].data.{field}", spec.storage.endpoint):
+                    pass
 
 
 def child_env(n_procs: int) -> dict[str, str]:
@@ -192,6 +194,8 @@ class LocalRun:
         final = self.ledger.final()
         if final is None:
             raise FedtuneError(f"the aggregator exited without a final summary (see {procs[0].log})")
+        if final.failed:
+            raise FedtuneError(f"the run failed: {final.failed} (see {procs[0].log})")
         records = report.round_records(self.ledger)
         report.write_metrics(records, self.folder)
         report.plot_loss(records, self.folder)

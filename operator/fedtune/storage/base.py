@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 from fedtune.errors import FedtuneError
+
+# Streaming reads hold one chunk and one line at a time; a longer line is refused, not buffered.
+CHUNK_BYTES = 1 << 20
+MAX_LINE_BYTES = 1 << 25
 
 
 class StorageError(FedtuneError):
@@ -61,6 +66,28 @@ class ObjectStore(ABC):
     def size(self, key: str) -> int:
         """The object's size in bytes, without reading it; ObjectNotFound if absent."""
         return len(self.get(key))
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        """The object's bytes in pieces of at most CHUNK_BYTES; ObjectNotFound if absent.
+
+        This default holds the whole object, which suits a store that keeps it in memory anyway; stores
+        that can read part of an object override it.
+        """
+        data = self.get(key)
+        for start in range(0, len(data), CHUNK_BYTES):
+            yield data[start : start + CHUNK_BYTES]
+
+    def iter_lines(self, key: str, max_line: int = MAX_LINE_BYTES) -> Iterator[bytes]:
+        """The object's lines without their newline, in memory bounded by max_line, not by the object."""
+        pending, n = b"", 1
+        for chunk in self.chunks(key):
+            *lines, pending = (pending + chunk).split(b"\n")
+            yield from lines
+            n += len(lines)
+            if len(pending) > max_line:
+                raise StorageError(f"{self.url(key)} line {n}: longer than {max_line} bytes")
+        if pending:
+            yield pending
 
     def check(self) -> None:
         """Raise a StorageError naming the URI if the store cannot be reached."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from fedtune.storage.base import ObjectNotFound, ObjectStore, StorageError
+from fedtune.storage.base import CHUNK_BYTES, ObjectNotFound, ObjectStore, StorageError
 
 
 class FileStore(ObjectStore):
@@ -37,6 +38,16 @@ class FileStore(ObjectStore):
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"{self.url(key)}: not found") from None
+        except OSError as e:
+            raise StorageError(f"{self.url(key)}: {e.strerror}") from None
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        try:
+            with self._path(key).open("rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    yield chunk
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"{self.url(key)}: not found") from None
         except OSError as e:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import boto3
@@ -11,7 +12,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from fedtune.storage.base import ObjectNotFound, ObjectStore, StorageError, join
+from fedtune.storage.base import CHUNK_BYTES, ObjectNotFound, ObjectStore, StorageError, join
 
 T = TypeVar("T")
 
@@ -26,6 +27,14 @@ _TRANSIENT_CODES = {
     "ServiceUnavailable",
 }
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+# S3 answers a read of a missing key with 403 to a caller that may not list the bucket (a client, under
+# the run's bucket policy), so for reads a denial may mean "absent": it is read so, with a warning once.
+_DENIED_CODES = {"403", "AccessDenied"}
+log = logging.getLogger("fedtune.storage")
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code"))
 
 
 def _transient(exc: BaseException) -> bool:
@@ -54,6 +63,7 @@ class S3Store(ObjectStore):
         if retry_seconds is None:
             retry_seconds = float(os.environ.get("FEDTUNE_STORAGE_RETRY_SECONDS", "120"))
         self.retry_seconds = retry_seconds
+        self._warned = False
         key_id, secret = credentials or (None, None)
         session = boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret)
         self._client = client or session.client(
@@ -71,6 +81,25 @@ class S3Store(ObjectStore):
     def _k(self, key: str) -> str:
         return join(self.prefix, key)
 
+    def _absent(self, key: str, code: str) -> bool:
+        """Whether an error code on a read means the key is absent."""
+        if code in _MISSING_CODES:
+            return True
+        if code in _DENIED_CODES:
+            if not self._warned:
+                log.warning("%s: access denied, read as absent (if it exists, check the bucket policy)", self.url(key))
+                self._warned = True
+            return True
+        return False
+
+    def _read(self, key: str, fn: Callable[[], T]) -> T:
+        try:
+            return self._call(key, fn)
+        except StorageError as e:
+            if isinstance(e.__cause__, ClientError) and self._absent(key, _code(e.__cause__)):
+                raise ObjectNotFound(f"{self.url(key)}: not found") from None
+            raise
+
     def _call(self, key: str, fn: Callable[[], T]) -> T:
         retrying = Retrying(
             retry=retry_if_exception(_transient),
@@ -85,7 +114,7 @@ class S3Store(ObjectStore):
             code = str(err.get("Code"))
             if code in _MISSING_CODES:
                 raise ObjectNotFound(f"{self.url(key)}: not found") from None
-            raise StorageError(f"{self.url(key)}: {code}: {err.get('Message') or e}") from None
+            raise StorageError(f"{self.url(key)}: {code}: {err.get('Message') or e}") from e
         except NoCredentialsError:
             raise StorageError(
                 f"{self.url(key)}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
@@ -99,13 +128,23 @@ class S3Store(ObjectStore):
             body: bytes = self._client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
             return body
 
-        return self._call(key, go)
+        return self._read(key, go)
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        """Opening the object is retried like any call; a stream that breaks later is an error, not resumed."""
+        body = self._read(key, lambda: self._client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"])
+        try:
+            yield from body.iter_chunks(CHUNK_BYTES)
+        except BotoCoreError as e:
+            raise StorageError(f"{self.url(key)}: read interrupted: {e}") from None
+        finally:
+            body.close()
 
     def size(self, key: str) -> int:
         def go() -> int:
             return int(self._client.head_object(Bucket=self.bucket, Key=self._k(key))["ContentLength"])
 
-        return self._call(key, go)
+        return self._read(key, go)
 
     def put(self, key: str, data: bytes) -> None:
         self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data))
@@ -128,7 +167,7 @@ class S3Store(ObjectStore):
                 self._client.head_object(Bucket=self.bucket, Key=self._k(key))
                 return True
             except ClientError as e:
-                if str(e.response.get("Error", {}).get("Code")) in _MISSING_CODES:
+                if self._absent(key, _code(e)):
                     return False
                 raise
 

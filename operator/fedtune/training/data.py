@@ -1,83 +1,191 @@
-"""A client's private examples: JSONL read through storage, tokenised, split and batched."""
+"""A client's private examples: JSONL streamed from storage, tokenised, split and batched.
+
+Lines are read one at a time and only compact token arrays are kept, so a client's memory grows with
+the tokens it trains on (at most maxExamples x maxLength), not with the size of its file.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from fedtune.api.spec import DataFormat, DataSpec
 from fedtune.errors import FedtuneError
-from fedtune.storage import open_object
+from fedtune.storage import ObjectNotFound, ObjectStore, StorageError, open_object
+
+log = logging.getLogger("fedtune.data")
+
+Tokens = npt.NDArray[np.int32]
+# A record's ids and labels before truncation; labels None means the same as the ids.
+Encoded = tuple[list[int], list[int] | None]
+ROLES = ("system", "user", "assistant")
+FIELDS = {DataFormat.TEXT: ("text",), DataFormat.PROMPT_RESPONSE: ("prompt", "response"), DataFormat.CHAT: ()}
 
 
-@dataclass
+@dataclass(slots=True)
 class Example:
-    input_ids: list[int]
-    labels: list[int]
+    """Token ids and labels (-100 where no loss is taken); for text both may be the same array."""
+
+    input_ids: Tokens
+    labels: Tokens
+
+
+@dataclass(slots=True)
+class Record:
+    """One JSONL line's object, and `at` (field, file and line) to name it in errors."""
+
+    fields: dict[str, Any]
+    at: str
 
 
 def read_jsonl(
-    uri: str, where: str, endpoint: str | None = None, credentials: tuple[str, str] | None = None
-) -> list[dict[str, Any]]:
-    """Records of a JSONL file; `where` names the spec field in errors (e.g. spec.clients[0].data.uri).
+    uri: str,
+    data: DataSpec,
+    where: str,
+    endpoint: str | None = None,
+    credentials: tuple[str, str] | None = None,
+) -> Iterator[Record]:
+    """The first data.max_examples records of a JSONL file, each checked against data.format, streamed.
 
-    `credentials` (access key, secret) are the client's data credentials when they differ from its
-    storage identity.
+    `where` names the spec field in errors (e.g. spec.clients[0].data.uri); `credentials` (access key,
+    secret) are the client's data credentials when they differ from its storage identity.
     """
     store, key = open_object(uri, endpoint=endpoint, credentials=credentials)
-    raw = store.get_or_none(key)
-    if raw is None:
-        raise FedtuneError(f"{where}: data file {store.url(key)} not found")
-    records = []
-    for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+    url = store.url(key)
+    count = 0
+    for n, line in enumerate(_lines(store, key, where), start=1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FedtuneError(f"{where}: {store.url(key)} line {n}: invalid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise FedtuneError(f"{where}: {store.url(key)} line {n}: expected a JSON object")
-        records.append((n, rec))
-    if not records:
-        raise FedtuneError(f"{where}: {store.url(key)} has no examples")
-    return [_checked(rec, n, store.url(key), where) for n, rec in records]
+        if count == data.max_examples:
+            log.info("%s: %s has more than maxExamples=%d examples; the rest is not read", where, url, count)
+            return
+        yield _record(line, data.format, f"{where}: {url} line {n}")
+        count += 1
+    if not count:
+        raise FedtuneError(f"{where}: {url} has no examples")
 
 
-def _checked(rec: dict[str, Any], n: int, url: str, where: str) -> dict[str, Any]:
-    for field in ("text", "prompt", "response"):
-        if field in rec and not isinstance(rec[field], str):
-            raise FedtuneError(f"{where}: {url} line {n}: {field!r} must be a string")
-    return rec
+def _lines(store: ObjectStore, key: str, where: str) -> Iterator[bytes]:
+    try:
+        yield from store.iter_lines(key)
+    except ObjectNotFound:
+        raise FedtuneError(f"{where}: data file {store.url(key)} not found") from None
+    except StorageError as e:
+        raise FedtuneError(f"{where}: {e}") from None
 
 
-def tokenize(
-    records: list[dict[str, Any]], data: DataSpec, tokenizer: Any, max_length: int, where: str
-) -> list[Example]:
-    """Token ids and labels; prompt tokens get label -100 so loss is on the response only."""
+def _record(line: bytes, fmt: DataFormat, at: str) -> Record:
+    try:
+        rec = json.loads(line.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as e:
+        raise FedtuneError(f"{at}: invalid JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+        raise FedtuneError(f"{at}: expected a JSON object")
+    for field in FIELDS[fmt]:
+        if field not in rec:
+            raise FedtuneError(f"{at}: no {field!r} field (format is {fmt})")
+        if not isinstance(rec[field], str):
+            raise FedtuneError(f"{at}: {field!r} must be a string")
+    if fmt == DataFormat.CHAT:
+        _check_messages(rec.get("messages"), at)
+    return Record(rec, at)
+
+
+def _check_messages(messages: Any, at: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise FedtuneError(f"{at}: 'messages' must be a non-empty list (format is chat)")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise FedtuneError(f"{at}: messages[{i}] must be an object with exactly 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise FedtuneError(f"{at}: messages[{i}].role must be one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise FedtuneError(f"{at}: messages[{i}].content must be a string")
+    if messages[0]["role"] == "assistant":
+        raise FedtuneError(f"{at}: messages[0] is an assistant turn; a conversation opens with system or user")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise FedtuneError(f"{at}: messages has no assistant turn, and loss is taken on assistant turns only")
+
+
+def tokenize(records: Iterable[Record], data: DataSpec, tokenizer: Any, max_length: int, where: str) -> list[Example]:
+    """Examples truncated to max_length; loss is taken on the text, the response or the assistant turns.
+
+    Records are consumed one at a time, so only the kept token arrays stay in memory.
+    """
+    encode = _encoder(data, tokenizer, where)
     out = []
-    eos = tokenizer.eos_token_id
-    for i, rec in enumerate(records):
-        if data.format == DataFormat.TEXT:
-            if "text" not in rec:
-                raise FedtuneError(f"{where}: record {i + 1} has no 'text' field (format is text)")
-            ids = tokenizer(rec["text"], add_special_tokens=False)["input_ids"] + [eos]
-            labels = list(ids)
-        else:
-            if "prompt" not in rec or "response" not in rec:
-                raise FedtuneError(f"{where}: record {i + 1} needs 'prompt' and 'response' (format is prompt-response)")
-            full = data.template.format(prompt=rec["prompt"], response=rec["response"])
-            head = data.template.format(prompt=rec["prompt"], response="")
-            ids = tokenizer(full, add_special_tokens=False)["input_ids"] + [eos]
-            n_prompt = len(tokenizer(head, add_special_tokens=False)["input_ids"])
-            labels = [-100] * n_prompt + ids[n_prompt:]
-        out.append(Example(ids[:max_length], labels[:max_length]))
+    for rec in records:
+        ids, labels = encode(rec)
+        kept = np.asarray(ids[:max_length], dtype=np.int32)
+        out.append(Example(kept, kept if labels is None else np.asarray(labels[:max_length], dtype=np.int32)))
     return out
+
+
+def _encoder(data: DataSpec, tokenizer: Any, where: str) -> Callable[[Record], Encoded]:
+    """The per-record encoding for data.format, with what it needs resolved once, not per line."""
+    if data.format == DataFormat.TEXT:
+        return partial(_text, tokenizer=tokenizer)
+    if data.format == DataFormat.PROMPT_RESPONSE:
+        return partial(_prompt_response, parts=data.template_parts(), tokenizer=tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        raise FedtuneError(f"{where}.format: the tokenizer has no chat template; use format prompt-response")
+    return partial(_chat, tokenizer=tokenizer)
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _text(rec: Record, tokenizer: Any) -> Encoded:
+    return [*_ids(tokenizer, rec.fields["text"]), tokenizer.eos_token_id], None
+
+
+def _prompt_response(rec: Record, parts: tuple[str, str, str], tokenizer: Any) -> Encoded:
+    before, between, after = parts
+    head = before + rec.fields["prompt"] + between
+    ids = [*_ids(tokenizer, head + rec.fields["response"] + after), tokenizer.eos_token_id]
+    n_prompt = len(_ids(tokenizer, head))
+    return ids, [-100] * n_prompt + ids[n_prompt:]
+
+
+def _chat(rec: Record, tokenizer: Any) -> Encoded:
+    """Each turn is the text the chat template adds for it; loss on assistant turns, their header excluded."""
+    messages = rec.fields["messages"]
+    stops: list[tuple[str, bool]] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            stops.append((_render(tokenizer, messages[:i], rec.at, header=True), False))
+        stops.append((_render(tokenizer, messages[: i + 1], rec.at), m["role"] == "assistant"))
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for text, loss in stops:
+        if not text.startswith(done):
+            raise FedtuneError(f"{rec.at}: the chat template does not render the conversation turn by turn")
+        piece = _ids(tokenizer, text[len(done) :])
+        ids += piece
+        labels += piece if loss else [-100] * len(piece)
+        done = text
+    return ids, labels
+
+
+def _render(tokenizer: Any, messages: list[Any], at: str, header: bool = False) -> str:
+    try:
+        text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=header)
+    except Exception as e:  # a template may raise anything; the line is what the user can fix
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FedtuneError(f"{at}: the chat template cannot render it: {first}") from None
+    return text
 
 
 def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -97,8 +205,8 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, e in enumerate(batch):
         n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
+        ids[row, :n] = torch.from_numpy(e.input_ids)
+        labels[row, :n] = torch.from_numpy(e.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 

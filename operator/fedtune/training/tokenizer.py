@@ -8,10 +8,21 @@ from fedtune.api.spec import FederatedFineTuneSpec
 from fedtune.errors import FedtuneError
 
 BYTE_SPECIALS = ("<pad>", "<s>", "</s>")
+# `<|role|>`, a newline and the content, turn after turn; an assistant turn ends with eos, so a model
+# learns to stop, and the others with a newline. (transformers renders with trim_blocks, which would
+# eat a newline written right after a block tag.)
+BYTE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{{ eos_token if m['role'] == 'assistant' else '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def byte_tokenizer() -> Any:
-    """Each UTF-8 byte is one token, plus pad/bos/eos: the same for everyone, with nothing to fetch."""
+    """Each UTF-8 byte is one token, plus pad/bos/eos: the same for everyone, with nothing to fetch.
+
+    Its chat template is a plain one, so `format: chat` needs no pretrained tokenizer either.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -22,7 +33,11 @@ def byte_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        chat_template=BYTE_CHAT_TEMPLATE,
     )
 
 
