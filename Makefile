@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # multi-GB torch wheel so a rebuild downloads nothing.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test unit lint bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ lint: install
 
 test: install lint cluster-deps
 	$(PY) -m pytest -q
+
+# The fast tier: no cluster, no training; run it after every change.
+unit: install
+	$(PY) -m pytest -q tests/unit -m "not slow and not cluster"
 
 # Flower is installed for the benchmark only, into its own folder inside the venv: the venv's packages
 # keep precedence, so fedtune runs against the versions it was installed with.

@@ -132,3 +132,40 @@ def test_too_few_valid_updates_keep_the_global(data: Path) -> None:
     # Too small to be an update of this adapter: refused on its size, before a byte of it is read.
     assert summary.rejected and all("an update of this adapter in fp32 has" in r.reason for r in summary.rejected)
     assert summary.failed == "0 valid updates, fewer than minClients=2"
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        (None, "client alpha's signing key: cannot read"),
+        (b"-----BEGIN PRIVATE KEY-----\nnot a key\n", "client alpha's signing key: not a PEM private key"),
+        ("beta", "keys.json: clients.alpha: ed25519:"),  # another party's key: does not match alpha's pin
+    ],
+)
+def test_a_missing_malformed_or_mismatched_key_is_one_line(
+    tmp_path: Path, data: Path, key: bytes | str | None, says: str
+) -> None:
+    from fedtune.api import load_resource
+    from fedtune.federation.signing import client_party
+    from fedtune.local.identities import CONFIG, key_path, local_config
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_resource(data)))
+    root = tmp_path / "root"
+    local_config(root, load_resource(spec))
+    key_file = tmp_path / "alpha.pem"
+    if key == "beta":
+        key_file = key_path(root, client_party("beta"))
+    elif key is not None:
+        key_file.write_bytes(key)  # type: ignore[arg-type]
+    argv = ["client", "--name", "alpha", "--run-root", str(root), "--config", str(root / CONFIG)]
+    out = subprocess.run(
+        [sys.executable, "-m", "fedtune", *argv, "--signing-key", str(key_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = one_line_error(out).removeprefix("error: ")
+    assert line.startswith(says), line
+    if key == "beta":
+        assert "does not match the private key in" in line

@@ -5,6 +5,7 @@ what the honest updates alone give."""
 from __future__ import annotations
 
 import struct
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from fedtune.aggregation.encoding import encode
 from fedtune.api import FederatedFineTuneSpec, parse_resource
 from fedtune.federation import protocol as p
 from fedtune.federation.aggregator import Aggregator, Collected
-from fedtune.storage import ObjectStore, open_store
+from fedtune.storage import ObjectStore, StorageError, open_store
 from fedtune.storage.memory import MemoryStore
 from fedtune.training.model import adapter_state
 from tests.federation.conftest import tiny_resource, write_data
@@ -158,3 +159,51 @@ def test_a_rejected_update_is_not_read_again_after_a_restart(data: Path) -> None
     restarted._check_new(gm, reference, seen)
     assert "non-finite" in seen.rejected["nan"]
     assert store.reads == []
+
+
+class FlakyStore(MemoryStore):
+    """Fails every read of client updates while `down`, as a storage outage on the aggregator's side."""
+
+    down = True
+
+    def size(self, key: str) -> int:
+        if self.down and key.startswith(p.CLIENTS):
+            raise StorageError(f"{self.url(key)}: 503: service unavailable")
+        return super().size(key)
+
+
+def test_a_storage_error_on_the_aggregators_side_is_never_the_clients_fault(data: Path) -> None:
+    spec = spec_for(data, ["honest-a", "honest-b"])
+    store = FlakyStore("flaky", "run")
+    parties = Parties(spec)
+    agg = parties.aggregator(store)
+    gm = agg.publish_global(0, adapter_state(agg.model), {})
+    state, _ = agg.load_global(gm)
+    reference = {k: state[k] for k in agg.trainable}
+    for name in gm.selected:
+        submit_update(parties.client(store, name), gm, name, encode({k: v * 0 for k, v in reference.items()}))
+    seen = Collected()
+    agg._check_new(gm, reference, seen)
+    assert seen.rejected == {} and seen.accepted == {}  # unresolved: retried on the next poll
+    store.down = False
+    agg._check_new(gm, reference, seen)
+    assert sorted(seen.accepted) == ["honest-a", "honest-b"] and seen.rejected == {}
+
+
+def test_a_round_resumed_long_after_its_wall_clock_deadline_does_not_close_early(data: Path) -> None:
+    """The round's time runs on the aggregator's own clock from when it began collecting."""
+    doc = tiny_resource(data, aggregation={"minClients": 1, "roundTimeoutSeconds": 2})
+    spec = parse_resource(doc).spec
+    store = open_store("memory://resumed/run")
+    parties = Parties(spec)
+    agg = parties.aggregator(store)
+    gm = agg.publish_global(0, adapter_state(agg.model), {})
+    gm = gm.model_copy(update={"deadline": gm.deadline - 3600})  # as if the run had been down an hour
+    state, _ = agg.load_global(gm)
+    reference = {k: state[k] for k in agg.trainable}
+    first = gm.selected[0]
+    submit_update(parties.client(store, first), gm, first, encode({k: v * 0 for k, v in reference.items()}))
+    started = time.monotonic()
+    seen = agg.collect(gm, reference)
+    assert time.monotonic() - started >= 2  # waited its own timeout for the others, not closed at once
+    assert list(seen.accepted) == [first] and seen.timed_out

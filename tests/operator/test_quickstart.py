@@ -10,7 +10,7 @@ import torch
 
 from fedtune.api import parse_resource
 from fedtune.federation import protocol
-from tests.cluster.harness.cluster import Cluster
+from tests.cluster.harness.cluster import QUICKSTART_CLIENTS, Cluster
 from tests.operator.conftest import Operator, Runs, quickstart, run_store
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -20,6 +20,7 @@ def test_quickstart_runs_to_success(operator: Operator, runs: Runs, example_data
     cluster: Cluster = operator.cluster
     ns = operator.namespace
     operator.start()
+    cluster.add_parties(ns, "quickstart", QUICKSTART_CLIENTS)  # one S3 account per party, the policy applied
     doc = quickstart()
     created = runs.create(doc)
     name = created["metadata"]["name"]

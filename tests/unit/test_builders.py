@@ -162,7 +162,7 @@ def test_each_pod_sees_only_its_own_partys_secrets() -> None:
         + [{"name": "devops", "data": {"uri": "s3://b/d.jsonl"}}],
         "aggregator": {"secretRef": "coordinator-s3"},
     }
-    res = run(**parties)
+    res = run(storage={"uri": "s3://fedtune/runs", "secretRef": "fedtune-s3"}, **parties)
     key = builders.key_secret_name
     assert _secrets_of(builders.aggregator_job(res)) == {"coordinator-s3", key("quickstart", "aggregator")}
     assert _secrets_of(client_job(res, "clinic")) == {"clinic-s3", "clinic-data", key("quickstart", "client clinic")}
@@ -179,7 +179,12 @@ def test_a_party_with_its_own_key_mounts_that_secret() -> None:
     res = run(aggregator={"publicKey": public, "signingKeySecretRef": "agg-key"})
     assert "agg-key" in _secrets_of(builders.aggregator_job(res))
     assert builders.key_secret_name("quickstart", "aggregator") not in _secrets_of(builders.aggregator_job(res))
-    no_secret = run(storage={"uri": "s3://fedtune/runs"})
+    no_secret = run(
+        storage={"uri": "s3://fedtune/runs"},
+        aggregator={},
+        aggregation={"minClients": 1},
+        clients=[{"name": "a", "data": {"uri": "x"}}],
+    )
     assert all("envFrom" not in c for c in containers(no_secret))
 
 

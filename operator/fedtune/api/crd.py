@@ -115,6 +115,7 @@ STATUS_SCHEMA: dict[str, Any] = {
         "completedRounds": {"type": "integer", "description": "Rounds whose next global is committed."},
         "observedGeneration": {"type": "integer", "description": "The generation this status describes."},
         "adapterURI": {"type": "string", "description": "Where the final PEFT adapter is."},
+        "stoppedEarly": {"type": "string", "description": "Why the run ended before its rounds (targetEpsilon)."},
         "adapterSHA256": {
             "type": "string",
             "description": "sha256 of the final adapter_model.safetensors, as the aggregator signed it.",

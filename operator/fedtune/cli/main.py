@@ -32,6 +32,7 @@ err = Console(stderr=True)
 P = ParamSpec("P")
 R = TypeVar("R")
 
+SpecFile = Annotated[Path, typer.Argument(help="FederatedFineTune YAML file.")]
 RunRoot = Annotated[str, typer.Option("--run-root", envvar="FEDTUNE_RUN_ROOT", help="URL of the run's store.")]
 MetricsPort = Annotated[
     int,
@@ -86,7 +87,7 @@ def validate(files: Annotated[list[Path], typer.Argument(help="FederatedFineTune
 @app.command()
 @friendly
 def run(
-    spec: Annotated[Path, typer.Argument(help="FederatedFineTune YAML file.")],
+    spec: SpecFile,
     output: Annotated[
         Path | None, typer.Option(help="Folder for runs (default: spec.storage.uri, ./fedtune-runs).")
     ] = None,
@@ -268,7 +269,7 @@ def verify(
 @app.command()
 @friendly
 def policy(
-    spec: Annotated[Path, typer.Argument(help="FederatedFineTune YAML file.")],
+    spec: SpecFile,
     uid: Annotated[
         str | None, typer.Option(help="The resource's uid (kubectl get fft NAME -o jsonpath={.metadata.uid}).")
     ] = None,

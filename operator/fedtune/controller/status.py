@@ -198,6 +198,8 @@ def compute(o: Observed) -> Obj:
     if prog.final is not None:
         status["adapterURI"] = prog.final.adapter
         status["adapterSHA256"] = prog.final.adapter_sha256
+        if prog.final.stopped_early:
+            status["stoppedEarly"] = prog.final.stopped_early
         status["finalEvalLoss"] = prog.final.eval_loss
     if state in TERMINAL:
         status["completionTime"] = o.old.get("completionTime") or o.now.isoformat()

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[3]
 SIMULATE = "fedtune.io/simulate"
 BUCKET = "fedtune"
 S3_SECRET = "fedtune-s3"
+QUICKSTART_CLIENTS = ("clinic", "bank", "devops")
 # The label that lets a run reference a Secret (fedtune.api.spec.CREDENTIALS_LABEL).
 CREDENTIALS_LABEL = "fedtune.io/credentials"
 
@@ -47,6 +48,8 @@ class Cluster:
     agent: subprocess.Popen[bytes] | None = None
     own_s3: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    # The bucket's policy: the statements of every run given parties with add_parties.
+    _statements: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.control_plane = ControlPlane(self.folder)
@@ -118,19 +121,53 @@ class Cluster:
         procs.wait_for(usable, timeout, "ready nodes and the default service account", interval=0.2)
 
     def bootstrap(self) -> None:
-        """The bucket and the fedtune-s3 Secret (in namespace default) that runs use."""
+        """The bucket, the fedtune-s3 Secret (root's keys, in namespace default), and one account per
+        party of the cluster quickstart (examples/cluster/quickstart.yaml) with the run's bucket policy."""
         assert self.s3 is not None
         self.s3.create_bucket(BUCKET)
         self.put_s3_secret("default")
+        self.add_parties("default", "quickstart", QUICKSTART_CLIENTS)
 
-    def put_s3_secret(self, namespace: str, name: str = S3_SECRET) -> None:
-        """Write the S3 server's credentials and endpoint as a Secret in a namespace."""
+    def add_parties(self, namespace: str, run: str, clients: Sequence[str]) -> None:
+        """One S3 account per party of a run, each in a Secret `fedtune-<party>` of the namespace, and the
+        run's bucket policy (`fedtune policy`) merged into the bucket's, plus read access for each client
+        to its own example data (`data/<client>.jsonl`). The run's uid is not known yet: its root is
+        matched as `runs/<namespace>/<run>-*`."""
+        from fedtune.federation.policy import bucket_policy
+
+        assert self.s3 is not None
+        parties = ["aggregator", *clients]
+        keys = {party: self.s3.add_account(f"{namespace}.{run}.{party}") for party in parties}
+        for party, (access, secret) in keys.items():
+            self.put_s3_secret(namespace, f"fedtune-{party}", (access, secret))
+        principals = {party: access for party, (access, _) in keys.items()}
+        aggregator = principals.pop("aggregator")
+        policy = bucket_policy(f"s3://{BUCKET}/runs/{namespace}/{run}-*", aggregator, principals)
+        data = [
+            {
+                "Sid": f"{namespace}.{run}.{client}.data",
+                "Effect": "Allow",
+                "Principal": {"AWS": [principals[client]]},
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:aws:s3:::{BUCKET}/data/{client}.jsonl"],
+            }
+            for client in clients
+        ]
+        tag = f"{namespace}.{run}."
+        for statement in policy["Statement"]:
+            statement["Sid"] = tag + statement["Sid"]
+        self._statements = [st for st in self._statements if not st["Sid"].startswith(tag)]
+        self._statements += [*policy["Statement"], *data]
+        self.s3.put_policy(BUCKET, {"Version": "2012-10-17", "Statement": self._statements})
+
+    def put_s3_secret(self, namespace: str, name: str = S3_SECRET, keys: tuple[str, str] | None = None) -> None:
+        """Write S3 credentials (root's, or an account's `keys`) and the endpoint as a Secret in a namespace."""
         assert self.s3 is not None
         data = {
-            **self.s3.env(),
+            **(self.s3.env_for(*keys) if keys else self.s3.env()),
             "endpoint": self.s3.endpoint,
-            "accessKey": self.s3.access_key,
-            "secretKey": self.s3.secret_key,
+            "accessKey": keys[0] if keys else self.s3.access_key,
+            "secretKey": keys[1] if keys else self.s3.secret_key,
             "region": self.s3.region,
             "bucket": BUCKET,
         }
