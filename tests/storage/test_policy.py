@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 
 from fedtune.federation import protocol as p
 from fedtune.federation.policy import bucket_policy
-from fedtune.storage import StorageError
+from fedtune.storage import ObjectNotFound, StorageError
 from fedtune.storage.s3 import S3Store
 from tests.cluster.harness.s3 import S3Server
 
@@ -264,8 +264,12 @@ def test_a_party_s_environment_carries_only_its_own_keys(run: Run, monkeypatch: 
         monkeypatch.setenv(k, v)
     store = S3Store(run.bucket, PREFIX, retry_seconds=5)  # endpoint and keys from the environment
     assert store.get(p.SPEC) == SPEC.encode()
-    with pytest.raises(StorageError, match="AccessDenied"):
+    # S3 denies a caller that may not list the bucket even a missing key's read, so a denied read is read
+    # as absent: beta's update stays out of alpha's reach either way.
+    with pytest.raises(ObjectNotFound):
         store.get(f"{p.client_dir('beta')}/update.bin")
+    with pytest.raises(StorageError, match="AccessDenied"):
+        store.put(f"{p.client_dir('beta')}/update.bin", b"forged")
 
 
 def test_conditional_create_works_under_the_policy(run: Run) -> None:
