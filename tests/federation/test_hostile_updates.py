@@ -4,11 +4,13 @@ what the honest updates alone give."""
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +20,9 @@ from fedtune.aggregation.encoding import encode
 from fedtune.api import FederatedFineTuneSpec, parse_resource
 from fedtune.federation import protocol as p
 from fedtune.federation.aggregator import Aggregator, Collected
+from fedtune.federation.signing import client_party
 from fedtune.storage import ObjectStore, StorageError, open_store
+from fedtune.storage.local_fs import FileStore
 from fedtune.storage.memory import MemoryStore
 from fedtune.training.model import adapter_state
 from tests.federation.conftest import tiny_resource, write_data
@@ -54,7 +58,27 @@ CORPUS: dict[str, tuple[Callable[[State, bytes], bytes], dict[str, object], str]
     "truncated": (lambda d, b: b[: len(b) // 2], {}, "bytes, an update of this adapter in fp32 has"),
     "header-lies": (lambda d, b: _claims_more(b), {}, "header claims"),
     "other-global": (lambda d, b: b, {"global_sha256": "0" * 64}, "trained on global 000000000000…"),
+    "shape-not-a-list": (
+        lambda d, b: _header_edit(b, lambda h: {k: {**v, "shape": 5} for k, v in h.items()}),
+        {},
+        "shape 5",
+    ),
+    "deep-header": (lambda d, b: struct.pack("<Q", 2000) + b"[" * 2000 + b[2008:], {}, "bad header"),
+    "huge-count": (lambda d, b: b, {"metrics": {"eval_examples": 10**400}}, "not a valid UpdateMarker"),
+    "nan-loss": (lambda d, b: b, {"metrics": {"train_loss": float("inf")}}, "not a valid UpdateMarker"),
 }
+
+
+def _header_edit(payload: bytes, edit: Callable[[dict[str, Any]], dict[str, Any]]) -> bytes:
+    """The same tensors under an edited header (same length, padded with spaces as safetensors allows)."""
+    (size,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(payload[8 : 8 + size])
+    meta = header.pop("__metadata__", None)
+    edited = edit(header)
+    if meta is not None:
+        edited["__metadata__"] = meta
+    text = json.dumps(edited).encode()
+    return payload[:8] + text.ljust(size) + payload[8 + size :]
 
 
 def spec_for(data: Path, names: list[str]) -> FederatedFineTuneSpec:
@@ -86,7 +110,8 @@ def play_round(store: ObjectStore, spec: FederatedFineTuneSpec) -> tuple[Parties
         marker = submit_update(parties.client(store, name), gm, name, stored, examples=examples)
         if fields:  # a marker whose own fields lie: re-signed by the client, as a hostile client would
             key = p.update_marker(0, name)
-            store.put(key, parties.client(store, name).signed(key, marker.model_copy(update=fields)))
+            body = {**p.dumps(marker), **fields}
+            store.put(key, parties.signers[client_party(name)].sign(key, body))
     tracemalloc.start()
     agg.close_round(gm)
     peak = tracemalloc.get_traced_memory()[1]
@@ -207,3 +232,55 @@ def test_a_round_resumed_long_after_its_wall_clock_deadline_does_not_close_early
     seen = agg.collect(gm, reference)
     assert time.monotonic() - started >= 2  # waited its own timeout for the others, not closed at once
     assert list(seen.accepted) == [first] and seen.timed_out
+
+
+class GrowingStore(FileStore):
+    """Answers a HEAD with the size an object had when its marker was written; the object then grew."""
+
+    honest: dict[str, int]
+
+    def size(self, key: str) -> int:
+        return self.honest.get(key, super().size(key))
+
+
+def test_an_object_that_grows_after_its_head_is_not_read_past_the_bound(data: Path, tmp_path: Path) -> None:
+    spec = spec_for(data, ["honest-a", "honest-b"])
+    store = GrowingStore(tmp_path / "growing")
+    store.honest = {}
+    parties = Parties(spec)
+    agg = parties.aggregator(store)
+    gm = agg.publish_global(0, adapter_state(agg.model), {})
+    state, _ = agg.load_global(gm)
+    reference = {k: state[k] for k in agg.trainable}
+    payload = encode({k: v * 0 for k, v in reference.items()})
+    marker = submit_update(parties.client(store, "honest-a"), gm, "honest-a", payload)
+    key = p.update_data(0, "honest-a", marker.sha256)
+    store.honest[key] = len(payload)
+    with (store.root / key).open("ab") as f:
+        f.write(bytes(64 << 20))
+    tracemalloc.start()
+    seen = Collected()
+    agg._check_new(gm, reference, seen)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert "more than" in seen.rejected["honest-a"], seen.rejected
+    assert peak < 4 << 20  # no more than the bound was read of 64 MiB
+
+
+def test_the_default_norm_bound_does_not_grow_with_the_global(data: Path) -> None:
+    """Derived from round 0's global: an update at the bound cannot raise the next round's bound."""
+    spec = spec_for(data, ["honest-a", "honest-b"])
+    store = open_store("memory://bound/run")
+    parties = Parties(spec)
+    agg = parties.aggregator(store)
+    gm = agg.publish_global(0, adapter_state(agg.model), {})
+    bound = agg.norm_bound()
+    state, _ = agg.load_global(gm)
+    big = {k: torch.full_like(state[k], 1.0) for k in agg.trainable}
+    scale = 0.99 * bound / float(torch.sqrt(sum((v.double() ** 2).sum() for v in big.values())))
+    for name in gm.selected:
+        submit_update(parties.client(store, name), gm, name, encode({k: v * scale for k, v in big.items()}))
+    agg.close_round(gm)
+    summary = agg.ledger.summary(0)
+    assert summary is not None and summary.participants == ["honest-a", "honest-b"]
+    assert agg.norm_bound() == bound

@@ -18,7 +18,9 @@ from fedtune.aggregation.encoding import load_state
 from fedtune.api import load_resource
 from fedtune.federation import protocol as p
 from fedtune.federation.records import Ledger
-from fedtune.local.identities import local_ledger
+from fedtune.federation.run_config import RunConfig
+from fedtune.federation.signing import client_party
+from fedtune.local.identities import CONFIG, key_path, local_ledger
 from fedtune.local.runner import LocalRun
 from fedtune.training.model import build_base_model, build_model, load_adapter
 from fedtune.training.tokenizer import build_tokenizer
@@ -72,6 +74,19 @@ def test_run_trains_and_writes_a_peft_adapter(tiny: Path, tmp_path: Path) -> Non
     # `fedtune verify` checks every signature, digest and link, then names the first object that fails.
     ok = verify(folder)
     assert ok.returncode == 0 and f"final adapter sha256: {final.adapter_sha256}" in ok.stdout
+    # A client that later re-signs another update in its own prefix cannot rewrite what was aggregated.
+    config = RunConfig.load(folder / CONFIG)
+    alpha = config.client_signer("alpha", key_path(folder, client_party("alpha")))
+    marker = ledger.update_marker(1, "alpha")
+    assert marker is not None
+    other = b"another update"
+    swapped = marker.model_copy(update={"sha256": p.sha256(other), "bytes": len(other)})
+    store.put(p.update_data(1, "alpha", swapped.sha256), other)
+    original = store.get(p.update_marker(1, "alpha"))
+    store.put(p.update_marker(1, "alpha"), alpha.sign(p.update_marker(1, "alpha"), p.dumps(swapped)))
+    bad = verify(folder)
+    assert bad.returncode == 1 and "is not the update the round summary says was aggregated" in bad.stderr
+    store.put(p.update_marker(1, "alpha"), original)
     victim = p.global_data(2, gm_sha(ledger, 2))
     store.put(victim, store.get(victim)[:-1] + b"\x00")
     bad = verify(folder)

@@ -69,3 +69,10 @@ def test_a_public_key_needs_its_secret_and_a_valid_form() -> None:
     with pytest.raises(SpecError, match=r"spec\.clients\[0\]\.publicKey: String should match"):
         parse_resource(doc(clients=[{**CLIENTS[0], "publicKey": "ssh-ed25519 AAAA", "signingKeySecretRef": "k"}]))
     parse_resource(doc(aggregator={"publicKey": key, "signingKeySecretRef": "k"}))
+
+
+def test_the_coordinators_party_name_is_reserved_and_dp_clips_instead_of_rejecting() -> None:
+    with pytest.raises(SpecError, match=r"spec\.clients\[0\]\.name: 'aggregator' is the coordinator's party name"):
+        parse_resource(doc(clients=[{"name": "aggregator", "data": {"uri": "s3://b/a.jsonl"}}]))
+    with pytest.raises(SpecError, match=r"spec\.aggregation\.maxUpdateNorm: under differential privacy"):
+        parse_resource(doc(privacy={"enabled": True}, aggregation={"maxUpdateNorm": 10}))

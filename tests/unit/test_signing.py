@@ -107,3 +107,9 @@ def test_keygen_prints_a_labelled_secret_and_its_public_key() -> None:
     assert out.stdout.startswith(f"# publicKey: {public}\n")
     key = s.parse_private(secret["stringData"][s.KEY_FILE], "secret")
     s.check_pair(key, public, "publicKey", "secret")
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"a": ' + b"9" * 5000 + b"}", b"\xff\xfe", b"{" * 3])
+def test_hostile_json_is_a_signature_error_never_a_crash(trust: Trust, raw: bytes) -> None:
+    with pytest.raises(SignatureError, match="not a JSON record"):
+        trust.verify(KEY, raw, client_party("a"))

@@ -135,9 +135,12 @@ def check_header(data: bytes, reference: State, encoding: str) -> str | None:
     (size,) = struct.unpack("<Q", data[:8])
     if size > len(data) - 8:
         return f"header claims {size} bytes, the object has {len(data) - 8} after its length"
+    want = expected_layout(reference, encoding)
+    if size > _HEADER_FIXED + _HEADER_PER_TENSOR * len(want):
+        return f"header of {size} bytes, more than an update of {len(want)} tensors needs"
     try:
         header = json.loads(data[8 : 8 + size])
-    except ValueError:
+    except (ValueError, RecursionError):
         return "not a safetensors file (bad header)"
     if not isinstance(header, dict):
         return "not a safetensors file (bad header)"
@@ -145,7 +148,6 @@ def check_header(data: bytes, reference: State, encoding: str) -> str | None:
     got_encoding = meta.get("encoding", "fp32") if isinstance(meta, dict) else None
     if got_encoding != encoding:
         return f"encoding {got_encoding!r}, the run uses {encoding!r}"
-    want = expected_layout(reference, encoding)
     missing, extra = sorted(set(want) - set(header)), sorted(set(header) - set(want))
     if missing:
         return f"missing key {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
@@ -153,10 +155,14 @@ def check_header(data: bytes, reference: State, encoding: str) -> str | None:
         return f"unexpected key {extra[0]}"
     for k, (dtype, shape) in want.items():
         entry = header[k]
-        if not isinstance(entry, dict) or entry.get("dtype") != dtype:
-            return f"{k}: dtype {entry.get('dtype') if isinstance(entry, dict) else '?'}, expected {dtype}"
-        if tuple(entry.get("shape") or ()) != shape:
-            return f"{k}: shape {tuple(entry.get('shape') or ())}, expected {shape}"
+        if not isinstance(entry, dict):
+            return f"{k}: not a tensor entry"
+        got = entry.get("dtype")
+        if got != dtype:
+            return f"{k}: dtype {str(got)[:16]}, expected {dtype}"
+        dims = entry.get("shape")
+        if not isinstance(dims, list) or [d for d in dims if type(d) is not int] or tuple(dims) != shape:
+            return f"{k}: shape {str(dims)[:64]}, expected {shape}"
     return None
 
 

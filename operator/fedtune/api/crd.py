@@ -18,6 +18,7 @@ from fedtune.api.spec import (
     KIND,
     MEAN_BASED,
     PLURAL,
+    RESERVED_CLIENT_NAME,
     STORAGE_SCHEMES,
     FederatedFineTuneSpec,
 )
@@ -71,6 +72,19 @@ SPEC_RULES += [
         "fieldPath": ".aggregation.minClients",
     }
     for name, (a, b) in BYZANTINE_MINIMUM.items()
+]
+SPEC_RULES += [
+    {
+        "rule": f"self.clients.all(c, c.name != '{RESERVED_CLIENT_NAME}')",
+        "message": f"the client name {RESERVED_CLIENT_NAME!r} is the coordinator's party name",
+        "fieldPath": ".clients",
+    },
+    {
+        "rule": "!has(self.privacy) || !has(self.privacy.enabled) || !self.privacy.enabled || "
+        "!has(self.aggregation) || !has(self.aggregation.maxUpdateNorm)",
+        "message": "under differential privacy updates are clipped to privacy.clipNorm: leave maxUpdateNorm unset",
+        "fieldPath": ".aggregation.maxUpdateNorm",
+    },
 ]
 _SCHEME_OK = "!{0}.contains('://') || {0}.matches('^(" + "|".join(STORAGE_SCHEMES) + ")://')"
 SPEC_RULES += [

@@ -315,6 +315,8 @@ class Strategy(StrEnum):
 # Distance-based strategies need this many updates for f = byzantineClients (Blanchard et al. 2017;
 # El Mhamdi et al. 2018): a round may close with minClients updates, so minClients must reach it.
 BYZANTINE_MINIMUM = {"krum": (2, 3), "multikrum": (2, 3), "bulyan": (4, 3)}
+# The coordinator's party name: a client may not take it (bucket policies and keys are per party name).
+RESERVED_CLIENT_NAME = "aggregator"
 # Object stores fedtune can reach (fedtune.storage); a plain path is a local folder.
 STORAGE_SCHEMES = ("s3", "file", "memory")
 
@@ -454,8 +456,15 @@ class FederatedFineTuneSpec(SpecModel):
         for i, n in enumerate(names):
             if n in seen:
                 raise ValueError(f"clients[{i}].name: duplicate client name {n!r}")
+            if n == RESERVED_CLIENT_NAME:
+                raise ValueError(f"clients[{i}].name: {n!r} is the coordinator's party name; choose another")
             seen.add(n)
         agg = self.aggregation
+        if self.privacy.enabled and agg.max_update_norm is not None:
+            raise ValueError(
+                "aggregation.maxUpdateNorm: under differential privacy every update is clipped to privacy.clipNorm; "
+                "rejecting on the norm would release whether a client's update exceeded it, un-noised"
+            )
         if self.privacy.enabled and agg.strategy not in MEAN_BASED:
             raise ValueError(
                 f"privacy.enabled: differential privacy noises the mean update, which strategy {agg.strategy} "

@@ -298,7 +298,10 @@ def policy(
             raise FedtuneError(f"--principal {item}: expected PARTY=NAME with PARTY one of {', '.join(names)}")
         names[party] = account
     if run_root is None:
-        res.metadata.uid = uid or "*"
+        if uid is None:
+            # A wildcard for the uid would also match other runs whose names start with this one's.
+            raise FedtuneError("pass --uid (the resource's metadata.uid) or --run-root: the policy names one run")
+        res.metadata.uid = uid
         run_root = k8s_run_root(res)
     aggregator_account = names.pop("aggregator")
     typer.echo(json.dumps(bucket_policy(run_root, aggregator_account, names), indent=2))

@@ -10,12 +10,13 @@ import base64
 import fnmatch
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from fedtune.api.spec import CREDENTIALS_LABEL, FederatedFineTune
+from fedtune.api.spec import CREDENTIALS_LABEL, KIND, FederatedFineTune
 from fedtune.controller import builders
 from fedtune.controller.status import TERMINAL, Observed, Progress
 from fedtune.errors import FedtuneError
@@ -45,6 +46,14 @@ STORAGE_RETRY_SECONDS = 5.0
 STORAGE_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # A run's pinned keys never change once its ConfigMap exists: kept per resource uid.
 _trust: dict[str, Trust] = {}
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A labelled Secret's data, and the runs (uids) that own it: a run's generated keys are its own."""
+
+    data: dict[str, str]
+    runs: frozenset[str] = frozenset()
 
 
 class Kube:
@@ -92,15 +101,19 @@ class Kube:
         found = self.core.list_namespaced_pod(namespace, label_selector=f"{builders.RUN_LABEL}={run}")
         return [self.api.sanitize_for_serialization(pod) for pod in found.items]
 
-    def credentials(self, namespace: str, only: str | None = None) -> dict[str, dict[str, str]]:
-        """Data of the Secrets labelled for fedtune (or of the one named `only`), by name.
+    def credentials(self, namespace: str, only: str | None = None) -> dict[str, Credentials]:
+        """The Secrets labelled for fedtune (or the one named `only`), by name.
 
         Selected by label on the server, so the operator never receives an unlabelled Secret's data.
         """
         fields = f"metadata.name={only}" if only else None
         found = self.core.list_namespaced_secret(namespace, label_selector=CREDENTIALS_LABEL, field_selector=fields)
         return {
-            s.metadata.name: {k: base64.b64decode(v).decode() for k, v in (s.data or {}).items()} for s in found.items
+            s.metadata.name: Credentials(
+                data={k: base64.b64decode(v).decode() for k, v in (s.data or {}).items()},
+                runs=frozenset(o.uid for o in s.metadata.owner_references or [] if o.kind == KIND),
+            )
+            for s in found.items
         }
 
     def config_map(self, namespace: str, name: str) -> dict[str, str] | None:
@@ -130,7 +143,8 @@ def run_store(res: FederatedFineTune, secret: dict[str, str] | None) -> ObjectSt
 
 def coordinator_secret(kube: Kube, res: FederatedFineTune) -> dict[str, str] | None:
     name = builders.storage_secret(res, res.spec.aggregator)
-    return kube.credentials(res.metadata.namespace, name).get(name) if name else None
+    found = kube.credentials(res.metadata.namespace, name).get(name) if name else None
+    return found.data if found else None
 
 
 def read_progress(ledger: Ledger, hint: int | None = None) -> Progress:
@@ -155,7 +169,7 @@ def allowed_images() -> list[str]:
     return os.environ.get("FEDTUNE_ALLOWED_IMAGES", "").replace(",", " ").split()
 
 
-def admission(res: FederatedFineTune, secrets: dict[str, dict[str, str]]) -> tuple[str, str] | None:
+def admission(res: FederatedFineTune, secrets: dict[str, Credentials]) -> tuple[str, str] | None:
     """What keeps this run's pods from being created, as (reason, message naming the field), or None."""
     spec, ns = res.spec, res.metadata.namespace
     allowed = allowed_images()
@@ -165,18 +179,20 @@ def admission(res: FederatedFineTune, secrets: dict[str, dict[str, str]]) -> tup
             f"spec.image: {spec.image} is not among the operator's allowedImages ({', '.join(allowed)})",
         )
     for path, name in spec.secret_refs():
-        data = secrets.get(name)
-        if data is None:
+        found = secrets.get(name)
+        if found is None:
             return "SecretNotFound", (
                 f"{path}: Secret {ns}/{name} not found, or not labelled {CREDENTIALS_LABEL} (the operator reads "
                 f"only labelled Secrets: kubectl label secret {name} {CREDENTIALS_LABEL}=true)"
             )
+        if found.runs and res.metadata.uid not in found.runs:
+            return "SecretNotAllowed", f"{path}: Secret {ns}/{name} belongs to another run (its generated key)"
         need = (KEY_FILE,) if path.endswith("signingKeySecretRef") else STORAGE_KEYS
-        if not set(need) <= set(data):
+        if not set(need) <= set(found.data):
             return "SecretInvalid", f"{path}: Secret {ns}/{name} needs keys {' and '.join(need)}"
     for path, party in spec.parties():
         if party.public_key and party.signing_key_secret_ref:
-            pem = secrets[party.signing_key_secret_ref][KEY_FILE]
+            pem = secrets[party.signing_key_secret_ref].data[KEY_FILE]
             try:
                 check_pair(
                     parse_private(pem, f"{path}.signingKeySecretRef"),
@@ -189,7 +205,7 @@ def admission(res: FederatedFineTune, secrets: dict[str, dict[str, str]]) -> tup
     return None
 
 
-def identities(kube: Kube, res: FederatedFineTune, secrets: dict[str, dict[str, str]]) -> Trust:
+def identities(kube: Kube, res: FederatedFineTune, secrets: dict[str, Credentials]) -> Trust:
     """The run's pinned public keys: each party's own publicKey, or a key pair generated once for the run.
 
     Generated private keys go into one Secret per party (owned by the run, mounted into that party's pod
@@ -202,15 +218,22 @@ def identities(kube: Kube, res: FederatedFineTune, secrets: dict[str, dict[str, 
             keys[party_name] = party.public_key
             continue
         name = builders.key_secret_name(meta.name, party_name)
-        pem = (secrets.get(name) or {}).get(KEY_FILE)
-        if pem is None:
-            key = generate()
-            pem = private_pem(key)
+        found = secrets.get(name)
+        if found is None:
+            pem = private_pem(generate())
             if not kube.create(builders.key_secret(res, party_name, pem)):
-                pem = kube.credentials(meta.namespace, name)[name][KEY_FILE]
+                found = kube.credentials(meta.namespace, name).get(name)
+        if found is not None:
+            if found.runs != {meta.uid}:  # a Secret of that name this run did not create: never use its key
+                raise KeyConflict(f"Secret {meta.namespace}/{name} exists and does not belong to this run")
+            pem = found.data[KEY_FILE]
         keys[party_name] = encode_public(parse_private(pem, f"Secret {meta.namespace}/{name}").public_key())
     clients = {c.name: keys[client_party(c.name)] for c in spec.clients}
     return Trust(run=builders.run_id(res), aggregator=keys[AGGREGATOR], clients=clients)
+
+
+class KeyConflict(FedtuneError):
+    """The name of a run's generated key Secret is taken by a Secret the run does not own."""
 
 
 def pinned_trust(kube: Kube, res: FederatedFineTune) -> Trust | None:
@@ -244,7 +267,11 @@ def _ensure_children(kube: Kube, res: FederatedFineTune, observed: Observed) -> 
         observed.blocked = ("StorageUnreachable", observed.storage_error)
     if observed.blocked is not None:
         return
-    trust = pinned_trust(kube, res) or identities(kube, res, secrets)
+    try:
+        trust = pinned_trust(kube, res) or identities(kube, res, secrets)
+    except KeyConflict as e:
+        observed.blocked = ("KeyConflict", str(e))
+        return
     for manifest in builders.children(res, trust):
         if kube.create(manifest):
             log.info("created %s %s/%s", manifest["kind"], meta.namespace, manifest["metadata"]["name"])

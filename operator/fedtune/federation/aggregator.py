@@ -27,7 +27,7 @@ from fedtune.federation.protocol import IntegrityError
 from fedtune.federation.records import Ledger
 from fedtune.federation.signing import AGGREGATOR, SignatureError
 from fedtune.privacy import ClientLevelDP
-from fedtune.storage import ObjectNotFound, StorageError
+from fedtune.storage import ObjectNotFound, ObjectTooLarge, StorageError
 from fedtune.training.model import adapter_state, build_model, load_adapter, trainable_keys
 from fedtune.training.tokenizer import build_tokenizer
 
@@ -76,6 +76,8 @@ class Aggregator:
         self.failed_streak = 0
         self.failed_total = 0
         self.excluded: dict[str, str] = {}  # clients that did not answer -> their ready nonce then
+        self._selected: dict[int, list[str]] = {}  # each round's sample, computed once
+        self._initial_norm: float | None = None
 
     def _privacy(self) -> ClientLevelDP | None:
         """Client-level DP for this run, or None (the spec guarantees a mean-based strategy with it)."""
@@ -83,6 +85,14 @@ class Aggregator:
         if not spec.privacy.enabled:
             return None
         return ClientLevelDP(spec.privacy)
+
+    def _carry(self, r: int) -> None:
+        """Take what round summaries carry forward from the record of the round that produced global r."""
+        last = self.ledger.summary(r - 1) if r else None
+        if last is not None:
+            self.taken_part = dict(last.taken_part)
+            self.failed_streak, self.failed_total = last.failed_streak, last.failed_total
+            self.excluded = dict(last.excluded)
 
     def _eligible(self) -> list[str]:
         """Clients that may be sampled: all but those that stopped answering and have not restarted since."""
@@ -93,10 +103,15 @@ class Aggregator:
         return [c.name for c in self.spec.clients if c.name not in self.excluded]
 
     def _selection(self, r: int) -> list[str]:
-        """Round r's sample, seeded by the run: clientsPerRound plus overSelection of the eligible clients."""
-        eligible = self._eligible()
-        k = min(self.spec.clients_per_round + self.spec.aggregation.over_selection, len(eligible))
-        return p.select_clients(eligible, k, self.spec.seed, r)
+        """Round r's sample, seeded by the run: clientsPerRound plus overSelection of the eligible clients.
+
+        Computed once, so the privacy budget is checked against exactly the sample that is published.
+        """
+        if r not in self._selected:
+            eligible = self._eligible()
+            k = min(self.spec.clients_per_round + self.spec.aggregation.over_selection, len(eligible))
+            self._selected[r] = p.select_clients(eligible, k, self.spec.seed, r)
+        return self._selected[r]
 
     def _last_round(self, rounds_done: int) -> bool:
         """Whether no further round may run: all are done, too many failed, or one more would exceed
@@ -121,7 +136,10 @@ class Aggregator:
         """
         if self.dp is None or rounds_done - self.failed_total >= self.rounds:
             return None
-        worst = max(self._selection(rounds_done), key=lambda c: self.taken_part.get(c, 0))
+        selected = self._selection(rounds_done)
+        if not selected:
+            return None
+        worst = max(selected, key=lambda c: self.taken_part.get(c, 0))
         if self.dp.within_budget(self.taken_part.get(worst, 0) + 1):
             return None
         return (
@@ -214,8 +232,8 @@ class Aggregator:
         if not low <= size <= high:
             raise Rejected(f"{size} bytes, an update of this adapter in {encoding} has {low}..{high}")
         try:
-            data = self.ledger.update_bytes(gm.round, client, marker)
-        except (IntegrityError, ObjectNotFound) as e:
+            data = self.ledger.update_bytes(gm.round, client, marker, high)
+        except (IntegrityError, ObjectNotFound, ObjectTooLarge) as e:  # it may have changed since the HEAD
             raise Rejected(str(e)) from None
         reason = check_header(data, reference, encoding)
         if reason:
@@ -224,15 +242,22 @@ class Aggregator:
             delta = decode(data)
         except Exception as e:  # any undecodable payload is the client's fault, never the aggregator's
             raise Rejected(f"undecodable update: {e}") from None
-        reason = validate_update(delta, reference, self.norm_bound(reference), reveal=self.dp is None)
+        bound = None if self.dp is not None else self.norm_bound()  # under DP, clipping bounds every update
+        reason = validate_update(delta, reference, bound, reveal=self.dp is None)
         if reason:
             raise Rejected(reason)
         return delta
 
-    def norm_bound(self, reference: State) -> float:
-        """maxUpdateNorm, or a bound derived from the global: no finite update may overflow the average."""
+    def norm_bound(self) -> float:
+        """maxUpdateNorm, or a bound derived from the round-0 global: no finite update may overflow the
+        average. Round 0's, not the current global's, so updates cannot grow the bound round after round."""
         explicit = self.spec.aggregation.max_update_norm
-        return explicit if explicit is not None else DEFAULT_NORM_FACTOR * max(update_norm(reference), 1.0)
+        if explicit is not None:
+            return explicit
+        if self._initial_norm is None:
+            state, _ = self.load_global(self.read_global_marker(0))
+            self._initial_norm = update_norm({k: state[k] for k in self.trainable})
+        return DEFAULT_NORM_FACTOR * max(self._initial_norm, 1.0)
 
     def _reject(self, gm: p.GlobalMarker, client: str, reason: str, seen: Collected) -> None:
         """Record a rejection once, signed, so a restarted aggregator never reads that update again."""
@@ -243,7 +268,11 @@ class Aggregator:
 
     def _recorded_rejections(self, gm: p.GlobalMarker, seen: Collected) -> None:
         for client in gm.selected:
-            rec = self.ledger.read(p.rejection(gm.round, client), p.Rejection, AGGREGATOR)
+            try:
+                rec = self.ledger.read(p.rejection(gm.round, client), p.Rejection, AGGREGATOR)
+            except SignatureError as e:  # not ours: the update is judged afresh
+                log.warning("ignoring %s", e)
+                continue
             if rec is not None:
                 seen.rejected[client] = rec.reason
 
@@ -268,6 +297,9 @@ class Aggregator:
                 continue
             except FedtuneError as e:  # Rejected, or a marker that is not a valid record
                 self._reject(gm, client, str(e), seen)
+                continue
+            except Exception as e:  # whatever else one client's objects provoke is that client's, not a crash
+                self._reject(gm, client, f"unreadable update ({type(e).__name__}: {str(e)[:200]})", seen)
                 continue
             seen.accepted[client] = marker
             seen.norms[client] = update_norm(delta)
@@ -365,7 +397,10 @@ class Aggregator:
         self.lease.check()
         digest = self.ledger.put_summary(summary)
         final = self._last_round(r + 1)
-        self.publish_global(r + 1, new_state, new_server, final=final, parent=gm, summary_sha256=digest)
+        committed = self.publish_global(r + 1, new_state, new_server, final=final, parent=gm, summary_sha256=digest)
+        if committed.summary_sha256 != digest:  # another aggregator closed this round: its record stands
+            self._carry(r + 1)
+            return
         self._observe(summary, {c: accepted[c].bytes for c in participants})
 
     def _summary(self, gm: p.GlobalMarker, seen: Collected, participants: list[str]) -> p.RoundSummary:
@@ -377,6 +412,7 @@ class Aggregator:
             missing=sorted(set(gm.selected) - seen.resolved()),
             seconds=time.time() - gm.created,
             bytes=sum(m.bytes for m in ms.values()),
+            updates={c: m.sha256 for c, m in ms.items()},
         )
         if self.dp is not None:
             # Only noised outputs are released: no single client's norm or loss, just what each has spent.
@@ -522,11 +558,7 @@ class Aggregator:
             latest = 0
         else:
             log.info("resuming at round %d", latest)
-            last = self.ledger.summary(latest - 1) if latest else None
-            if last is not None:
-                self.taken_part = dict(last.taken_part)
-                self.failed_streak, self.failed_total = last.failed_streak, last.failed_total
-                self.excluded = dict(last.excluded)
+            self._carry(latest)
         while True:
             gm = self.read_global_marker(latest)
             if gm.final:

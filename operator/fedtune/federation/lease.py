@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from fedtune.storage import StorageError
 log = logging.getLogger("fedtune.lease")
 
 DEFAULT_SECONDS = 10.0
+_CLAIM = re.compile(r"\d{6}\.json")
 
 
 class LeaseLost(FedtuneError):
@@ -53,8 +55,17 @@ class Lease:
     # --- taking it ---------------------------------------------------------------------------------
 
     def _latest_epoch(self) -> int:
-        claims = [k for k in self.store.list(p.LEASES) if k.endswith(".json")]
-        return max((int(k.rsplit("/", 1)[1].split(".")[0]) for k in claims), default=0)
+        """The highest epoch whose claim the aggregator signed (junk or forged claims do not count)."""
+        names = (k.rsplit("/", 1)[1] for k in self.store.list(p.LEASES))
+        epochs = sorted((int(n[:6]) for n in names if _CLAIM.fullmatch(n)), reverse=True)
+        return next((e for e in epochs if self._claimed(e)), 0)
+
+    def _claimed(self, epoch: int) -> bool:
+        try:
+            return self.ledger.read(p.lease_claim(epoch), p.LeaseClaim, "aggregator") is not None
+        except FedtuneError as e:
+            log.warning("ignoring %s", e)
+            return False
 
     def acquire(self, done: Callable[[], bool]) -> bool:
         """Hold the lease (True), or return False once `done()` says the run needs no aggregator."""
@@ -70,7 +81,7 @@ class Lease:
                 return False
             if not waiting:
                 claim = self.ledger.read(p.lease_claim(current), p.LeaseClaim, "aggregator")
-                who = claim.holder if claim else "?"
+                who = claim.holder if claim else "?"  # verified by _latest_epoch
                 log.warning(
                     "another aggregator holds the lease (epoch %d, %s); standing by until its heartbeat stops for %gs",
                     current,
@@ -119,7 +130,7 @@ class Lease:
         if time.monotonic() - self._last_beat > self.seconds / 2:
             # Paused or cut off for a while: prove liveness again before trusting the epoch.
             self._beat()
-        if self.store.exists(p.lease_claim(self.epoch + 1)):
+        if self._claimed(self.epoch + 1):
             self.release()
             raise LeaseLost(
                 f"aggregator lease epoch {self.epoch} was taken over by epoch {self.epoch + 1}: "

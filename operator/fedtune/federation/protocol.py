@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,6 +26,11 @@ FINAL_CONFIG = f"{FINAL}/adapter_config.json"
 FINAL_SUMMARY = f"{FINAL}/summary.json"
 
 M = TypeVar("M", bound=BaseModel)
+# What a client writes is bounded by type, so no field of a hostile record can overflow a float or a
+# counter, and a digest can only ever name an object inside the writer's own prefix.
+Count = Annotated[int, Field(ge=0, le=2**53)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 # Data objects are named by their sha256 (content-addressed) and reached through the marker that commits
 # them, so two writers racing on one round can never leave a marker naming bytes it did not hash.
@@ -102,36 +107,36 @@ class Record(BaseModel):
 class GlobalMarker(Record):
     """Commits the global adapter entering round `round`, and links it to its parent."""
 
-    round: int
-    sha256: str
-    parent_sha256: str | None = Field(None, description="The previous round's global; None for round 0.")
-    summary_sha256: str | None = Field(None, description="The record of the round that made this global.")
+    round: Count
+    sha256: Digest
+    parent_sha256: Digest | None = Field(None, description="The previous round's global; None for round 0.")
+    summary_sha256: Digest | None = Field(None, description="The record of the round that made this global.")
     selected: list[str]
     deadline: float = Field(description="Unix time after which the round may close with minClients updates.")
     final: bool = False
-    server_state_sha256: str | None = None
-    epoch: int = Field(description="The aggregator lease this marker was committed under.")
+    server_state_sha256: Digest | None = None
+    epoch: Count = Field(description="The aggregator lease this marker was committed under.")
     created: float
 
 
 class ClientMetrics(Record):
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    eval_examples: int = 0
-    seconds: float = 0.0
+    train_loss: Finite | None = None
+    eval_loss: Finite | None = None
+    eval_examples: Count = 0
+    seconds: Finite = 0.0
 
 
 class UpdateMarker(Record):
     """Commits one client's update for one round, trained on the global named by `global_sha256`."""
 
     client: str
-    round: int
-    sha256: str
-    global_sha256: str
-    examples: int
-    steps: int
+    round: Count
+    sha256: Digest
+    global_sha256: Digest
+    examples: Count
+    steps: Count
     encoding: str = "fp32"
-    bytes: int
+    bytes: Count
     metrics: ClientMetrics
 
 
@@ -139,10 +144,10 @@ class EvalMarker(Record):
     """A client's evaluation of the final global adapter."""
 
     client: str
-    round: int
-    global_sha256: str
-    eval_loss: float
-    eval_examples: int
+    round: Count
+    global_sha256: Digest
+    eval_loss: Finite
+    eval_examples: Count
 
 
 class Rejection(Record):
@@ -164,6 +169,9 @@ class RoundSummary(Record):
     seconds: float
     bytes: int
     update_norms: dict[str, float] = Field(default_factory=dict)
+    updates: dict[str, str] = Field(
+        default_factory=dict, description="sha256 of each participant's update: what was aggregated, for the audit."
+    )
     epsilon: float | None = Field(None, description="Under DP: the largest epsilon any client has spent.")
     client_epsilon: dict[str, float] = Field(default_factory=dict, description="Under DP: epsilon per client.")
     taken_part: dict[str, int] = Field(

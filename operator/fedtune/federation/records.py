@@ -13,9 +13,13 @@ from typing import TypeVar
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
 from fedtune.federation.signing import AGGREGATOR, SignatureError, Signer, Trust, client_party
-from fedtune.storage import ObjectStore
+from fedtune.storage import ObjectNotFound, ObjectStore
 
 log = logging.getLogger("fedtune.records")
+
+# Records are small: a larger one is refused unread. The coordinator's hold every client's name.
+CLIENT_RECORD_BYTES = 1 << 20
+COORDINATOR_RECORD_BYTES = 16 << 20
 
 R = TypeVar("R", bound=p.Record)
 
@@ -30,8 +34,10 @@ class Ledger:
 
     def read(self, key: str, model: type[R], party: str) -> R | None:
         """The record at key signed by party, None if absent; SignatureError if forged or altered."""
-        raw = self.store.get_or_none(key)
-        if raw is None:
+        limit = COORDINATOR_RECORD_BYTES if party == AGGREGATOR else CLIENT_RECORD_BYTES
+        try:
+            raw = self.store.get_at_most(key, limit)
+        except ObjectNotFound:
             return None
         return p.parse(model, self.trust.verify(key, raw, party), self.store.url(key))
 
@@ -61,9 +67,10 @@ class Ledger:
             self.store.put(key, self.signed(key, record))
             return True
 
-    def data(self, key: str, expected_sha256: str) -> bytes:
-        """Object bytes whose sha256 matches the marker that named them."""
-        return p.check_digest(self.store.url(key), self.store.get(key), expected_sha256)
+    def data(self, key: str, expected_sha256: str, limit: int | None = None) -> bytes:
+        """Object bytes whose sha256 matches the marker that named them (at most `limit` bytes are read)."""
+        raw = self.store.get(key) if limit is None else self.store.get_at_most(key, limit)
+        return p.check_digest(self.store.url(key), raw, expected_sha256)
 
     def put_data(self, key: str, data: bytes) -> None:
         """Write a content-addressed object (its key holds its digest): an existing one already has these bytes."""
@@ -164,8 +171,8 @@ class Ledger:
     def update_marker(self, r: int, client: str) -> p.UpdateMarker | None:
         return self._client_record(p.update_marker(r, client), p.UpdateMarker, client, r)
 
-    def update_bytes(self, r: int, client: str, marker: p.UpdateMarker) -> bytes:
-        return self.data(p.update_data(r, client, marker.sha256), marker.sha256)
+    def update_bytes(self, r: int, client: str, marker: p.UpdateMarker, limit: int) -> bytes:
+        return self.data(p.update_data(r, client, marker.sha256), marker.sha256, limit)
 
     def ready_nonce(self, client: str) -> str:
         """The nonce of the client's latest ready record ('' if none, or if it does not verify)."""

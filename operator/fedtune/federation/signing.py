@@ -140,7 +140,7 @@ class Trust:
         """The record's body if `party`'s pinned key signed it for this run and key; SignatureError if not."""
         try:
             doc = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, 4300-digit numbers, deep nesting
             raise SignatureError(f"{key}: not a JSON record") from None
         if not isinstance(doc, dict):
             raise SignatureError(f"{key}: not a JSON record")

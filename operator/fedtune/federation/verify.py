@@ -80,7 +80,10 @@ def _verify_round(ledger: Ledger, gm: p.GlobalMarker, nxt: p.GlobalMarker) -> in
         _check(marker is not None, uwhere, "missing, while the round summary names it as a participant")
         assert marker is not None
         _check(marker.global_sha256 == gm.sha256, uwhere, "trained on another global")
-        ledger.update_bytes(gm.round, client, marker)
+        # What was aggregated is what the signed summary names, not whatever the client's prefix holds now.
+        named = summary.updates.get(client)
+        _check(named == marker.sha256, uwhere, "is not the update the round summary says was aggregated")
+        ledger.data(p.update_data(gm.round, client, marker.sha256), marker.sha256)
     return len(summary.participants)
 
 

@@ -20,6 +20,10 @@ class ObjectNotFound(StorageError):
     """The key does not exist."""
 
 
+class ObjectTooLarge(FedtuneError):
+    """An object is larger than its reader allows: the writer's fault, not a storage failure."""
+
+
 def join(*parts: str) -> str:
     """Join key parts with single slashes."""
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
@@ -62,6 +66,13 @@ class ObjectStore(ABC):
     @abstractmethod
     def child(self, prefix: str) -> ObjectStore:
         """The same store rooted at prefix."""
+
+    def get_at_most(self, key: str, limit: int) -> bytes:
+        """The object's bytes if it has at most `limit` of them; ObjectTooLarge, having read no more, if not."""
+        data = self.get(key)
+        if len(data) > limit:
+            raise ObjectTooLarge(f"{self.url(key)}: more than {limit} bytes")
+        return data
 
     def size(self, key: str) -> int:
         """The object's size in bytes, without reading it; ObjectNotFound if absent."""

@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedtune.storage.base import CHUNK_BYTES, ObjectNotFound, ObjectStore, StorageError
+from fedtune.storage.base import CHUNK_BYTES, ObjectNotFound, ObjectStore, ObjectTooLarge, StorageError
 
 
 class FileStore(ObjectStore):
@@ -52,6 +52,18 @@ class FileStore(ObjectStore):
             raise ObjectNotFound(f"{self.url(key)}: not found") from None
         except OSError as e:
             raise StorageError(f"{self.url(key)}: {e.strerror}") from None
+
+    def get_at_most(self, key: str, limit: int) -> bytes:
+        try:
+            with self._path(key).open("rb") as f:
+                data = f.read(limit + 1)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"{self.url(key)}: not found") from None
+        except OSError as e:
+            raise StorageError(f"{self.url(key)}: {e.strerror}") from None
+        if len(data) > limit:
+            raise ObjectTooLarge(f"{self.url(key)}: more than {limit} bytes")
+        return data
 
     def size(self, key: str) -> int:
         try:

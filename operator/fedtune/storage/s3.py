@@ -12,7 +12,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from fedtune.storage.base import CHUNK_BYTES, ObjectNotFound, ObjectStore, StorageError, join
+from fedtune.storage.base import CHUNK_BYTES, ObjectNotFound, ObjectStore, ObjectTooLarge, StorageError, join
 
 T = TypeVar("T")
 
@@ -139,6 +139,24 @@ class S3Store(ObjectStore):
             raise StorageError(f"{self.url(key)}: read interrupted: {e}") from None
         finally:
             body.close()
+
+    def get_at_most(self, key: str, limit: int) -> bytes:
+        """A ranged GET: however large the object has become since any HEAD, no more than limit + 1 bytes."""
+
+        def go() -> bytes:
+            try:
+                resp = self._client.get_object(Bucket=self.bucket, Key=self._k(key), Range=f"bytes=0-{limit}")
+            except ClientError as e:
+                if _code(e) == "InvalidRange":  # an empty object has no byte 0
+                    return b""
+                raise
+            body: bytes = resp["Body"].read(limit + 1)
+            return body
+
+        data = self._read(key, go)
+        if len(data) > limit:
+            raise ObjectTooLarge(f"{self.url(key)}: more than {limit} bytes")
+        return data
 
     def size(self, key: str) -> int:
         def go() -> int:
