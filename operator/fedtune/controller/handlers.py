@@ -6,6 +6,7 @@ alone would converge too, which is what makes a restarted operator or a missed e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from datetime import UTC, datetime
@@ -62,21 +63,9 @@ def _step(body: kopf.Body, patch: kopf.Patch) -> None:
     try:
         res = parse_resource(raw, f"{meta['namespace']}/{meta['name']}")
     except SpecError as e:
-        patch.status.update(
-            {
-                "state": st.FAILED,
-                "observedGeneration": meta.get("generation"),
-                "conditions": [
-                    {
-                        "type": st.FAILED,
-                        "status": "True",
-                        "reason": "InvalidSpec",
-                        "message": "; ".join(e.problems),
-                        "lastTransitionTime": datetime.now(UTC).isoformat(),
-                    }
-                ],
-            }
-        )
+        invalid = st.invalid_spec(old, e.problems, meta.get("generation"), datetime.now(UTC))
+        if _differs(old, invalid):
+            patch.status.update(invalid)
         return
     if old.get("state") in st.TERMINAL and _expired(res.spec.ttl_seconds_after_finished, old):
         kube().custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"])
@@ -148,5 +137,9 @@ def delete_storage(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.delete(*RESOURCE, optional=True)
 def deleted(body: kopf.Body, **_: Any) -> None:
-    """Drop what the operator kept in memory about a run."""
-    forget_trust(parse_resource(_resource(body)))
+    """Drop what the operator kept about a run: its pinned keys and its metric series (a deleted failed run
+    must not keep an alert firing)."""
+    meta = body["metadata"]
+    metrics.forget_run(meta["namespace"], meta["name"])
+    with contextlib.suppress(SpecError):
+        forget_trust(parse_resource(_resource(body)))

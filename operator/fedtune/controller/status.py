@@ -212,3 +212,24 @@ def message_of(status: Obj) -> tuple[str, str]:
         if c["type"] == status["state"] or (status["state"] == PENDING and c["type"] == "Ready"):
             return c["reason"], c["message"]
     return status["state"], ""
+
+
+def invalid_spec(old: Obj, problems: list[str], generation: int | None, now: datetime) -> Obj:
+    """The status of a resource that passed admission but fails the spec's checks; the transition time is
+    kept while the problems stay the same, so the operator does not rewrite status on every tick."""
+    message = "; ".join(problems)
+    before: Obj = next((c for c in old.get("conditions") or [] if c.get("type") == FAILED), {})
+    same = before.get("reason") == "InvalidSpec" and before.get("message") == message
+    return {
+        "state": FAILED,
+        "observedGeneration": generation,
+        "conditions": [
+            {
+                "type": FAILED,
+                "status": "True",
+                "reason": "InvalidSpec",
+                "message": message,
+                "lastTransitionTime": before["lastTransitionTime"] if same else now.isoformat(),
+            }
+        ],
+    }

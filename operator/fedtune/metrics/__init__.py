@@ -33,6 +33,19 @@ RUN_INFO = Gauge("fedtune_run_info", "Static facts about a run (always 1).", (*R
 CLIENT_STEPS = Counter("fedtune_client_steps_total", "Local optimizer steps a client has taken.", CLIENT)
 
 
+def forget_run(namespace: str, name: str) -> None:
+    """Remove every series of a run from every metric, so nothing of a deleted run is exported."""
+    for metric in (m for m in globals().values() if isinstance(m, Counter | Gauge | Histogram)):
+        series = set()
+        for family in metric.collect():
+            for sample in family.samples:
+                labels = sample.labels
+                if labels.get("namespace") == namespace and labels.get("name") == name:
+                    series.add(tuple(v for k, v in labels.items() if k not in ("le", "quantile")))
+        for values in series:
+            metric.remove(*values)
+
+
 def serve(port: int | None) -> None:
     """Expose /metrics on port (0 or None: not served). A taken port costs the metrics, not the run."""
     if not port:
