@@ -43,11 +43,6 @@ class Parties:
         return agg
 
 
-def forger(run: str, party: str) -> Signer:
-    """A key nobody pinned, signing in another party's name."""
-    return Signer(run, party, generate())
-
-
 def submit_update(
     ledger: Ledger,
     gm: p.GlobalMarker,
