@@ -94,7 +94,8 @@ class Ledger:
         the hint.
         """
         candidate = self._latest_existing(hint)
-        if candidate is None or self.verifies(candidate):
+        # The hint is a round its caller already verified: an idle poller reads no marker at all.
+        if candidate is None or candidate == hint or self.verifies(candidate):
             return candidate
         r = hint if hint is not None and hint >= 0 and self.verifies(hint) else -1
         while r + 1 < candidate and self.verifies(r + 1):
