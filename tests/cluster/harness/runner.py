@@ -130,11 +130,11 @@ class PodRunner:
         self._reap()
         pending_init = next((c for c in self.init if not self._done(c)), None)
         if pending_init is not None:
-            if not pending_init.running and self._may_start(pending_init):
+            if self._may_start(pending_init):
                 self._start(pending_init)
             return
         for c in self.main:
-            if not c.running and self._may_start(c):
+            if self._may_start(c):
                 self._start(c)
 
     def _done(self, c: Container) -> bool:
@@ -149,7 +149,9 @@ class PodRunner:
         return self.policy == "Always" or (self.policy == "OnFailure" and code != 0)
 
     def _may_start(self, c: Container) -> bool:
-        if c.proc is None and c.terminated is None:
+        if c.proc is not None:
+            return False  # running, or exited since the last reap: the next sync records its end first
+        if c.terminated is None:
             return True
         return self._will_restart(c) and time.monotonic() >= c.not_before
 
