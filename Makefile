@@ -37,8 +37,11 @@ unit: install
 # Flower is installed for the benchmark only, into its own folder inside the venv: the venv's packages
 # keep precedence, so fedtune runs against the versions it was installed with.
 BENCH_DEPS := $(VENV)/bench-deps
-bench: install $(BENCH_DEPS)/.flwr-1.42.0
+# Aggregation throughput, the operator on the test cluster (hence cluster-deps), and round hand-offs in a local run.
+bench: install cluster-deps $(BENCH_DEPS)/.flwr-1.42.0
 	$(PY) -m bench
+	$(PY) -m bench.operator
+	$(PY) -m bench.rounds
 
 $(BENCH_DEPS)/.flwr-1.42.0:
 	$(PY) -m pip install -q --target $(BENCH_DEPS) flwr==1.42.0

@@ -133,8 +133,38 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
     (
         "ftp-data",
         {"clients": [{"name": "a", "data": {"uri": "ftp://host/a.jsonl"}}]},
+        "spec.clients[0].data.uri",
+        "unsupported storage scheme",
+    ),
+    (
+        "ftp-eval-data",
+        {"clients": [{"name": "a", "data": {"uri": "s3://fedtune/a.jsonl", "evalUri": "ftp://host/e.jsonl"}}]},
+        "spec.clients[0].data.evalUri",
+        "unsupported storage scheme",
+    ),
+    (
+        "client-named-aggregator",
+        {"clients": [{**TWO_CLIENTS[0], "name": "aggregator"}]},
         "spec.clients",
-        "unsupported scheme",
+        "'aggregator' is the coordinator's party name",
+    ),
+    (
+        "over-selection-above-clients",
+        {"aggregation": {"clientsPerRound": 2, "overSelection": 1}},
+        "spec.aggregation.overSelection",
+        "clientsPerRound + overSelection must not exceed the number of clients",
+    ),
+    (
+        "privacy-with-max-update-norm",
+        {"privacy": {"enabled": True}, "aggregation": {"maxUpdateNorm": 5}},
+        "spec.aggregation.maxUpdateNorm",
+        "leave maxUpdateNorm unset",
+    ),
+    (
+        "tokenizer-with-name-and-builtin",
+        {"tokenizer": {"name": "gpt2", "builtin": "bytes"}},
+        "spec.tokenizer",
+        "set at most one of name or builtin",
     ),
     (
         "public-key-without-its-secret",

@@ -36,10 +36,10 @@ def test_robust_strategies_need_enough_updates_per_round(strategy: str, f: int, 
         return
     with pytest.raises(SpecError) as e:
         parse_resource(doc(aggregation=aggregation))
+    a = 4 if strategy == "bulyan" else 2
     assert e.value.problems == [
-        f"spec.aggregation.minClients: {strategy} with byzantineClients={f} needs at least "
-        f"{'4' if strategy == 'bulyan' else '2'}f+3 = {(4 if strategy == 'bulyan' else 2) * f + 3} updates in a "
-        f"round; minClients is {min_clients}"
+        f"spec.aggregation.minClients: {strategy} needs minClients >= {a}*byzantineClients + 3; "
+        f"byzantineClients={f} needs at least {a * f + 3} updates in a round; minClients is {min_clients}"
     ]
 
 

@@ -11,7 +11,7 @@ import torch
 
 from fedtune.aggregation import STRATEGIES, ClientUpdate, State, make_strategy
 from fedtune.aggregation.encoding import load_state, save_state
-from fedtune.api.spec import AggregationSpec, Strategy
+from fedtune.api.spec import AggregationSpec, StrategyName
 from fedtune.errors import FedtuneError
 
 
@@ -29,7 +29,7 @@ def agg(strategy: str, glob: State, ups: list[ClientUpdate], state: State | None
 
 
 def test_every_spec_strategy_is_registered() -> None:
-    assert set(STRATEGIES) == {s.value for s in Strategy}
+    assert set(STRATEGIES) == {s.value for s in StrategyName}
 
 
 def test_unknown_strategy_names_the_field() -> None:

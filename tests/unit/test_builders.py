@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Iterator
 from typing import Any
 
 from fedtune.api import parse_resource
-from fedtune.controller import builders
+from fedtune.controller import builders, names
 from tests.unit.runs import TRUST, UID, run
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -30,8 +31,8 @@ def client_job(res: Any, client: str) -> dict[str, Any]:
 
 def test_short_names_are_kept_as_they_are() -> None:
     res = run()
-    names = [m["metadata"]["name"] for m in builders.children(res, TRUST)]
-    assert names == [
+    made = [m["metadata"]["name"] for m in builders.children(res, TRUST)]
+    assert made == [
         "quickstart-spec",
         "quickstart-metrics",
         "quickstart-aggregator",
@@ -46,11 +47,11 @@ def test_long_names_are_hashed_to_63_characters_and_stay_distinct() -> None:
     long_run = "r" * 63
     clients = [{"name": "c" * 39 + s, "data": {"uri": f"s3://fedtune/{s}.jsonl"}} for s in "ab"]
     res = run(name=long_run, clients=clients)
-    names = [m["metadata"]["name"] for m in builders.children(res, TRUST)]
-    assert all(len(n) <= 63 and DNS_LABEL.match(n) for n in names), names
-    assert len(set(names)) == len(names)
-    assert names == [m["metadata"]["name"] for m in builders.children(run(name=long_run, clients=clients), TRUST)]
-    assert builders.child_name(long_run, "x") != builders.child_name(long_run, "y")
+    made = [m["metadata"]["name"] for m in builders.children(res, TRUST)]
+    assert all(len(n) <= 63 and DNS_LABEL.match(n) for n in made), made
+    assert len(set(made)) == len(made)
+    assert made == [m["metadata"]["name"] for m in builders.children(run(name=long_run, clients=clients), TRUST)]
+    assert names.child_name(long_run, "client", "x") != names.child_name(long_run, "client", "y")
 
 
 def test_every_child_is_owned_by_the_run_and_labelled() -> None:
@@ -142,11 +143,11 @@ def test_node_selector_tolerations_and_affinity_are_passed_through() -> None:
 def _secrets_of(job: dict[str, Any]) -> set[str]:
     """Every Secret a pod can see: through envFrom, env valueFrom or a volume."""
     pod = job["spec"]["template"]["spec"]
-    names = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    found = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
     for c in pod["containers"]:
-        names |= {e["secretRef"]["name"] for e in c.get("envFrom", [])}
-        names |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
-    return names
+        found |= {e["secretRef"]["name"] for e in c.get("envFrom", [])}
+        found |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
+    return found
 
 
 def test_each_pod_sees_only_its_own_partys_secrets() -> None:
@@ -163,7 +164,7 @@ def test_each_pod_sees_only_its_own_partys_secrets() -> None:
         "aggregator": {"secretRef": "coordinator-s3"},
     }
     res = run(storage={"uri": "s3://fedtune/runs", "secretRef": "fedtune-s3"}, **parties)
-    key = builders.key_secret_name
+    key = names.key_secret_name
     assert _secrets_of(builders.aggregator_job(res)) == {"coordinator-s3", key("quickstart", "aggregator")}
     assert _secrets_of(client_job(res, "clinic")) == {"clinic-s3", "clinic-data", key("quickstart", "client clinic")}
     assert _secrets_of(client_job(res, "bank")) == {"bank-s3", "bank-data", key("quickstart", "client bank")}
@@ -178,7 +179,7 @@ def test_a_party_with_its_own_key_mounts_that_secret() -> None:
     public = "ed25519:" + "A" * 43 + "="
     res = run(aggregator={"publicKey": public, "signingKeySecretRef": "agg-key"})
     assert "agg-key" in _secrets_of(builders.aggregator_job(res))
-    assert builders.key_secret_name("quickstart", "aggregator") not in _secrets_of(builders.aggregator_job(res))
+    assert names.key_secret_name("quickstart", "aggregator") not in _secrets_of(builders.aggregator_job(res))
     no_secret = run(
         storage={"uri": "s3://fedtune/runs"},
         aggregator={},
@@ -235,4 +236,32 @@ def test_metrics_service_name_starts_with_a_letter() -> None:
         "metadata": {"name": "7b-run", "namespace": "ns", "uid": "u"},
         "spec": {"model": {"name": "m"}, "clients": [{"name": "a", "data": {"uri": "s3://b/a.jsonl"}}]},
     }
-    assert builders.metrics_service(parse_resource(doc))["metadata"]["name"] == "fft-7b-run-metrics"
+    name = builders.metrics_service(parse_resource(doc))["metadata"]["name"]
+    assert name.startswith("fft-7b-run-metrics--") and DNS_LABEL.match(name) and len(name) <= 63
+    # Not the name of the run called fft-7b-run.
+    assert name != names.metrics_service_name("fft-7b-run") == "fft-7b-run-metrics"
+
+
+def one_client(name: str, client: str) -> Any:
+    return run(name=name, clients=[{"name": client, "data": {"uri": "s3://b/d.jsonl"}}], aggregation={"minClients": 1})
+
+
+def test_two_runs_never_share_a_job_name() -> None:
+    """`a` with client `b-client-c` and `a-client-b` with client `c` would both own a-client-b-client-c."""
+    first = {m["metadata"]["name"] for m in jobs(one_client("a", "b-client-c"))}
+    second = {m["metadata"]["name"] for m in jobs(one_client("a-client-b", "c"))}
+    assert "a-client-b-client-c" in first and "a-aggregator" in first
+    assert not first & second, (first, second)
+    assert all(DNS_LABEL.match(n) and len(n) <= 63 for n in first | second)
+
+
+def test_child_names_are_unambiguous_across_runs() -> None:
+    """Every run, role and member built from words the names are parsed by gets a name of its own."""
+    words = ["a", "b", "client", "key", "aggregator", "spec", "metrics", "x-client", "client-y", "a--b"]
+    parts = ["-".join(p) for n in (1, 2, 3) for p in itertools.product(words, repeat=n)]
+    made: dict[str, tuple[str, str, str | None]] = {}
+    for run_name in parts:
+        for role, member in [("aggregator", None), ("spec", None), *(("client", m) for m in words)]:
+            name = names.child_name(run_name, role, member)
+            assert DNS_LABEL.match(name) and len(name) <= 63, name
+            assert made.setdefault(name, (run_name, role, member)) == (run_name, role, member), name

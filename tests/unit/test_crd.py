@@ -63,6 +63,18 @@ def test_every_spec_property_has_a_description() -> None:
     assert not missing, f"properties without a description: {missing}"
 
 
+def test_every_status_property_has_a_description() -> None:
+    """`kubectl explain fft.status` documents every field the operator writes."""
+    status = version()["schema"]["openAPIV3Schema"]["properties"]["status"]
+    found = dict(properties(status, "status"))
+    assert {"status.lastRound.clientEpsilon", "status.adapterSHA256", "status.conditions[].lastTransitionTime"} <= set(
+        found
+    )
+    missing = [path for path, node in found.items() if not str(node.get("description", "")).strip()]
+    assert not missing, f"properties without a description: {missing}"
+    assert "x-kubernetes-preserve-unknown-fields" not in status, "the schema names every field"
+
+
 def test_printer_columns() -> None:
     columns = {c["name"]: c for c in version()["additionalPrinterColumns"]}
     assert list(columns) == ["State", "Round", "Clients", "GPUs", "Strategy", "Age"]

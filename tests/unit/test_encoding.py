@@ -1,11 +1,25 @@
-"""Upload encodings: sizes, round-trip error bounds, the name in the header, and bad input."""
+"""Upload encodings: sizes, round-trip error bounds, the name in the header, the layout of a checked
+update, and bad input."""
 
 from __future__ import annotations
+
+import json
+import struct
+from typing import Any
 
 import pytest
 import torch
 
-from fedtune.aggregation.encoding import ENCODINGS, decode, encode, encoding_of, load_state, save_state
+from fedtune.aggregation.encoding import (
+    ENCODINGS,
+    decode,
+    decode_checked,
+    encode,
+    encoding_of,
+    load_state,
+    read_layout,
+    save_state,
+)
 from fedtune.api.spec import Encoding
 from fedtune.errors import FedtuneError
 
@@ -97,3 +111,63 @@ def test_state_round_trips_bit_for_bit_in_its_own_dtypes() -> None:
     state = {"w": torch.randn(3, 3).to(torch.bfloat16), "step": torch.tensor(7, dtype=torch.int64)}
     back = load_state(save_state(state))
     assert all(torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype for k in state)
+
+
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_a_checked_update_decodes_as_decode_does(enc: str) -> None:
+    state = {**lora_like(), "z": torch.zeros(0, 4), "s": torch.tensor(1.5)}
+    data = encode(state, enc)
+    layout = read_layout(data, state, enc)
+    checked, plain = decode_checked(data, layout), decode(data)
+    assert list(checked) == list(state)  # in the reference's order
+    assert all(torch.equal(checked[k], plain[k]) and checked[k].dtype == torch.float32 for k in state)
+
+
+def test_fp32_tensors_of_a_checked_update_are_views_of_its_bytes() -> None:
+    state = lora_like()
+    data = encode(state)
+    checked = decode_checked(data, read_layout(data, state, "fp32"))
+    start = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    assert all(start <= v.data_ptr() < start + len(data) for v in checked.values())
+
+
+def _with_offsets(data: bytes, key: str, offsets: list[Any]) -> bytes:
+    """The same bytes with one header entry's data_offsets replaced (the header padded to its old length)."""
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    header[key]["data_offsets"] = offsets
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= size
+    return data[:8] + text.ljust(size) + data[8 + size :]
+
+
+@pytest.mark.parametrize(
+    ("key", "offsets", "says"),
+    [
+        ("b", [0, 16], "the tensor before it ends at"),  # b overlaps a, and leaves a gap at the end
+        ("a", [0, 12], "do not hold a tensor of shape"),
+        ("a", [0.0, 16], "expected two integers"),
+        ("a", [0, 16, 16], "expected two integers"),
+    ],
+)
+def test_tensor_byte_ranges_must_tile_the_data_exactly(key: str, offsets: list[Any], says: str) -> None:
+    state = {"a": torch.ones(4), "b": torch.ones(4)}
+    data = encode(state)
+    assert read_layout(data, state, "fp32").tensors["b"].end == len(data)
+    with pytest.raises(FedtuneError, match=says):
+        read_layout(_with_offsets(data, key, offsets), state, "fp32")
+
+
+def test_bytes_beyond_the_last_tensor_are_refused() -> None:
+    state = {"a": torch.ones(4)}
+    with pytest.raises(FedtuneError, match="the tensors end at byte"):
+        read_layout(encode(state) + bytes(4), state, "fp32")
+
+
+def test_misaligned_values_are_copied_not_viewed() -> None:
+    state = {"a": torch.arange(4, dtype=torch.float32)}
+    data = encode(state)
+    (size,) = struct.unpack("<Q", data[:8])
+    shifted = struct.pack("<Q", size + 1) + data[8 : 8 + size] + b" " + data[8 + size :]  # one byte more header
+    back = decode_checked(shifted, read_layout(shifted, state, "fp32"))
+    assert torch.equal(back["a"], state["a"])

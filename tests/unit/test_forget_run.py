@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import REGISTRY
 
 from fedtune import metrics
+from fedtune.api.status import RunStatus
 from fedtune.controller.status import invalid_spec
 
 
@@ -28,8 +29,8 @@ def test_a_deleted_runs_series_are_removed_and_others_kept() -> None:
 
 def test_an_invalid_spec_keeps_its_transition_time_while_nothing_changes() -> None:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    first = invalid_spec({}, ["spec.x: bad"], 1, t0)
+    first = invalid_spec(RunStatus(), ["spec.x: bad"], 1, t0)
     again = invalid_spec(first, ["spec.x: bad"], 1, t0 + timedelta(seconds=3))
     assert again == first
     changed = invalid_spec(first, ["spec.y: bad"], 2, t0 + timedelta(seconds=6))
-    assert changed["conditions"][0]["lastTransitionTime"] == (t0 + timedelta(seconds=6)).isoformat()
+    assert changed.patch()["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:00:06Z"

@@ -6,7 +6,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fedtune.api import FederatedFineTune
-from fedtune.controller import builders
+from fedtune.api.crd import crd
+from fedtune.api.status import Condition, RunStatus, merged
+from fedtune.controller.names import aggregator_name, client_job_name
 from fedtune.controller.status import Observed, Progress, compute, message_of
 from fedtune.federation.protocol import FinalSummary, RoundSummary
 from tests.unit.runs import run
@@ -39,11 +41,11 @@ def pod(job_name: str, phase: str = "Running", unschedulable: str | None = None)
 
 
 def agg(res: FederatedFineTune) -> str:
-    return builders.aggregator_name(res.metadata.name)
+    return aggregator_name(res.metadata.name)
 
 
 def cli(res: FederatedFineTune, name: str) -> str:
-    return builders.client_job_name(res.metadata.name, name)
+    return client_job_name(res.metadata.name, name)
 
 
 def all_running(res: FederatedFineTune) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -52,17 +54,17 @@ def all_running(res: FederatedFineTune) -> tuple[dict[str, Any], list[dict[str, 
     return {n: job(n) for n in names}, [pod(n) for n in names]
 
 
-def observe(res: FederatedFineTune, old: dict[str, Any] | None = None, at: float = 0, **kw: Any) -> dict[str, Any]:
+def observe(res: FederatedFineTune, old: RunStatus | None = None, at: float = 0, **kw: Any) -> RunStatus:
     """compute() at T0 + `at` seconds, from the previous status `old`."""
-    return compute(Observed(resource=res, generation=1, old=old or {}, now=T0 + timedelta(seconds=at), **kw))
+    return compute(Observed(resource=res, generation=1, old=old or RunStatus(), now=T0 + timedelta(seconds=at), **kw))
 
 
-def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+def conditions(status: RunStatus) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in status.conditions or []}
 
 
-def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next(c for c in status["conditions"] if c["type"] == type_)
+def condition(status: RunStatus, type_: str) -> Condition:
+    return next(c for c in status.conditions or [] if c.type == type_)
 
 
 def round_summary(r: int) -> RoundSummary:
@@ -74,20 +76,20 @@ def round_summary(r: int) -> RoundSummary:
 def test_pending_then_running_then_succeeded() -> None:
     res = run()
     pending = observe(res)
-    assert pending["state"] == "Pending"
-    assert (pending["progress"], pending["clientsReady"], pending["gpus"]) == ("0/3", "0/3", 3)
+    assert pending.state == "Pending"
+    assert (pending.progress, pending.clients_ready, pending.gpus) == ("0/3", "0/3", 3)
     assert conditions(pending)["Running"] == ("False", "NotRunning")
-    assert [c["state"] for c in pending["clients"]] == ["Pending"] * 3
+    assert [c.state for c in pending.clients or []] == ["Pending"] * 3
 
     jobs, pods = all_running(res)
     running = observe(res, pending, 30, jobs=jobs, pods=pods, progress=Progress(committed=1, last=round_summary(0)))
-    assert running["state"] == "Running"
-    assert (running["progress"], running["currentRound"], running["clientsReady"]) == ("1/3", 1, "3/3")
+    assert running.state == "Running"
+    assert (running.progress, running.current_round, running.clients_ready) == ("1/3", 1, "3/3")
     assert conditions(running)["Running"] == ("True", "RoundsInProgress")
-    assert running["lastRound"]["participants"] == list(CLIENTS)
-    assert running["lastRound"]["seconds"] == 12.346
-    assert running["startTime"] == pending["startTime"] == T0.isoformat()
-    assert "completionTime" not in running
+    assert running.last_round is not None and running.last_round.participants == list(CLIENTS)
+    assert running.last_round.seconds == 12.346
+    assert running.start_time == pending.start_time == T0
+    assert "completionTime" not in running.patch()
 
     jobs = {n: job(n, "Complete") for n in jobs}
     final = FinalSummary(
@@ -100,13 +102,15 @@ def test_pending_then_running_then_succeeded() -> None:
         epoch=1,
     )
     done = observe(res, running, 90, jobs=jobs, progress=Progress(committed=3, final=final, last=round_summary(2)))
-    assert done["state"] == "Succeeded"
-    assert (done["progress"], done["currentRound"]) == ("3/3", 3)
-    assert done["adapterURI"] == "s3://fedtune/runs/x/final"
-    assert done["adapterSHA256"] == "ab" * 32
+    assert done.state == "Succeeded"
+    assert (done.progress, done.current_round) == ("3/3", 3)
+    written = done.patch()
+    assert written["adapterURI"] == "s3://fedtune/runs/x/final"
+    assert written["adapterSHA256"] == "ab" * 32
     assert conditions(done)["Succeeded"] == ("True", "RunSucceeded")
     assert conditions(done)["Running"] == ("False", "NotRunning")
-    assert done["completionTime"] == (T0 + timedelta(seconds=90)).isoformat()
+    assert done.completion_time == T0 + timedelta(seconds=90)
+    assert written["completionTime"] == "2025-01-01T12:01:30Z"
     assert message_of(done)[0] == "RunSucceeded"
 
 
@@ -116,15 +120,15 @@ def test_last_transition_time_changes_only_when_a_condition_does() -> None:
     first = observe(res, jobs=jobs, pods=pods)
     later = observe(res, first, 60, jobs=jobs, pods=pods, progress=Progress(committed=2))
     for type_ in ("Ready", "Running", "Failed", "Succeeded", "Suspended"):
-        assert condition(later, type_)["lastTransitionTime"] == T0.isoformat(), type_
+        assert condition(later, type_).last_transition_time == T0, type_
     # The message moved on with the rounds; the transition time did not.
-    assert condition(later, "Running")["message"] != condition(first, "Running")["message"]
+    assert condition(later, "Running").message != condition(first, "Running").message
 
     suspended = observe(run(suspend=True), later, 120)
     moved = T0 + timedelta(seconds=120)
-    assert condition(suspended, "Suspended")["lastTransitionTime"] == moved.isoformat()
-    assert condition(suspended, "Running")["lastTransitionTime"] == moved.isoformat()
-    assert condition(suspended, "Failed")["lastTransitionTime"] == T0.isoformat()
+    assert condition(suspended, "Suspended").last_transition_time == moved
+    assert condition(suspended, "Running").last_transition_time == moved
+    assert condition(suspended, "Failed").last_transition_time == T0
 
 
 def test_a_failed_client_is_dropped_while_min_clients_remain() -> None:
@@ -134,9 +138,9 @@ def test_a_failed_client_is_dropped_while_min_clients_remain() -> None:
     jobs[cli(res, "bank")] = job(cli(res, "bank"), "Failed", failed=3)
     pods = [p for p in pods if p["metadata"]["labels"]["job-name"] != cli(res, "bank")]
     status = observe(res, jobs=jobs, pods=pods)
-    assert status["state"] == "Running"
-    assert {c["name"]: (c["state"], c["restarts"]) for c in status["clients"]}["bank"] == ("Failed", 3)
-    assert status["clientsReady"] == "2/3"
+    assert status.state == "Running"
+    assert {c.name: (c.state, c.restarts) for c in status.clients or []}["bank"] == ("Failed", 3)
+    assert status.clients_ready == "2/3"
     assert conditions(status)["Failed"] == ("False", "NotFailed")
 
 
@@ -146,18 +150,18 @@ def test_the_run_fails_when_fewer_than_min_clients_remain() -> None:
     for name in ("devops", "bank"):
         jobs[cli(res, name)] = job(cli(res, name), "Failed", failed=3)
     status = observe(res, jobs=jobs, pods=pods)
-    assert status["state"] == "Failed"
+    assert status.state == "Failed"
     assert conditions(status)["Failed"] == ("True", "ClientsFailed")
-    message = condition(status, "Failed")["message"]
+    message = condition(status, "Failed").message
     assert "bank, devops" in message and "minClients=2" in message and "clinic" not in message
-    assert status["completionTime"] == T0.isoformat()
+    assert status.completion_time == T0
     assert message_of(status) == ("ClientsFailed", message)
 
     # Failed is final: jobs that look healthy again do not revive the run.
     healthy, pods = all_running(res)
     again = observe(res, status, 10, jobs=healthy, pods=pods)
-    assert again["state"] == "Failed" and conditions(again)["Failed"] == ("True", "ClientsFailed")
-    assert again["completionTime"] == status["completionTime"]
+    assert again.state == "Failed" and conditions(again)["Failed"] == ("True", "ClientsFailed")
+    assert again.completion_time == status.completion_time
 
 
 def test_the_run_fails_with_its_aggregator() -> None:
@@ -165,40 +169,40 @@ def test_the_run_fails_with_its_aggregator() -> None:
     jobs, pods = all_running(res)
     jobs[agg(res)] = job(agg(res), "Failed", failed=3)
     status = observe(res, jobs=jobs, pods=pods)
-    assert status["state"] == "Failed"
+    assert status.state == "Failed"
     assert conditions(status)["Failed"] == ("True", "AggregatorFailed")
-    assert "backoffLimit=2" in condition(status, "Failed")["message"]
-    assert status["aggregator"] == {"state": "Failed", "restarts": 3}
+    assert "backoffLimit=2" in condition(status, "Failed").message
+    assert status.patch()["aggregator"] == {"state": "Failed", "restarts": 3}
 
 
 def test_active_deadline_counts_from_the_start_time() -> None:
     res = run(activeDeadlineSeconds=60)
     jobs, pods = all_running(res)
     first = observe(res, jobs=jobs, pods=pods)
-    assert observe(res, first, 59, jobs=jobs, pods=pods)["state"] == "Running"
+    assert observe(res, first, 59, jobs=jobs, pods=pods).state == "Running"
     late = observe(res, first, 61, jobs=jobs, pods=pods)
-    assert late["state"] == "Failed"
+    assert late.state == "Failed"
     assert conditions(late)["Failed"] == ("True", "DeadlineExceeded")
-    assert "activeDeadlineSeconds=60" in condition(late, "Failed")["message"]
+    assert "activeDeadlineSeconds=60" in condition(late, "Failed").message
 
 
 def test_a_missing_secret_blocks_the_run() -> None:
     blocked = ("SecretNotFound", "spec.storage.secretRef: Secret team-a/fedtune-s3 not found")
     status = observe(run(), blocked=blocked)
-    assert status["state"] == "Pending"
+    assert status.state == "Pending"
     ready = condition(status, "Ready")
-    assert (ready["status"], ready["reason"]) == ("False", "SecretNotFound")
-    assert ready["message"].startswith("spec.storage.secretRef:")
+    assert (ready.status, ready.reason) == ("False", "SecretNotFound")
+    assert ready.message.startswith("spec.storage.secretRef:")
     assert message_of(status)[0] == "SecretNotFound"
 
 
 def test_a_suspended_run_says_so() -> None:
     res = run(suspend=True)
     status = observe(res, progress=Progress(committed=1))
-    assert status["state"] == "Suspended"
+    assert status.state == "Suspended"
     assert conditions(status)["Suspended"] == ("True", "Suspended")
     assert conditions(status)["Running"] == ("False", "NotRunning")
-    assert "after 1 committed rounds" in condition(status, "Suspended")["message"]
+    assert "after 1 committed rounds" in condition(status, "Suspended").message
     assert message_of(status)[0] == "Suspended"
 
 
@@ -206,13 +210,78 @@ def test_an_unschedulable_pod_is_reported() -> None:
     res = run()
     why = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
     status = observe(res, jobs={agg(res): job(agg(res))}, pods=[pod(agg(res), "Pending", unschedulable=why)])
-    assert status["state"] == "Pending"
+    assert status.state == "Pending"
     assert conditions(status)["Ready"] == ("False", "Unschedulable")
-    assert why in condition(status, "Ready")["message"]
+    assert why in condition(status, "Ready").message
 
 
 def test_status_describes_the_generation_it_saw() -> None:
     res = run()
     status = compute(Observed(resource=res, generation=7, now=T0))
-    assert status["observedGeneration"] == 7
-    assert {c["observedGeneration"] for c in status["conditions"]} == {7}
+    assert status.observed_generation == 7
+    assert {c.observed_generation for c in status.conditions or []} == {7}
+
+
+def test_a_settled_status_is_not_written_again() -> None:
+    """Written as a merge patch, the same observations change nothing: losses left out under privacy are not
+    rewritten on every tick, and a field set to None is removed from the stored status."""
+    res = run()
+    jobs, pods = all_running(res)
+    private = round_summary(0).model_copy(update={"train_loss": None, "eval_loss": None, "epsilon": 0.5})
+    seen = {"jobs": jobs, "pods": pods, "progress": Progress(committed=1, last=private)}
+    stored = merged({}, observe(res, **seen).patch())
+    assert "trainLoss" not in stored["lastRound"] and stored["lastRound"]["epsilon"] == 0.5
+    assert merged(stored, observe(res, RunStatus.read(stored), 3, **seen).patch()) == stored
+    suspended = merged(stored, observe(run(suspend=True), RunStatus.read(stored), 6).patch())
+    assert "startTime" not in suspended and suspended["state"] == "Suspended"
+
+
+def test_storage_out_of_reach_keeps_what_it_said_before() -> None:
+    """Rounds unknown for a moment are not rounds undone, and a run that succeeded stays succeeded."""
+    res = run(activeDeadlineSeconds=60)
+    jobs, pods = all_running(res)
+    stored = merged(
+        {}, observe(res, jobs=jobs, pods=pods, progress=Progress(committed=2, last=round_summary(1))).patch()
+    )
+    blind = merged(stored, observe(res, RunStatus.read(stored), 3, jobs=jobs, pods=pods, storage_error="no").patch())
+    assert (blind["completedRounds"], blind["progress"]) == (2, "2/3")
+    assert blind["lastRound"] == stored["lastRound"]
+
+    final = FinalSummary(
+        rounds=3, adapter="s3://a", adapter_sha256="ab" * 32, config_sha256="cd" * 32, chain=[], epoch=1
+    )
+    done = observe(res, RunStatus.read(stored), 10, jobs=jobs, progress=Progress(committed=3, final=final))
+    later = observe(res, done, 120, jobs={n: job(n, "Complete") for n in jobs}, storage_error="no")
+    assert (later.state, condition(later, "Succeeded").reason) == ("Succeeded", "RunSucceeded")
+    assert later.completion_time == done.completion_time
+
+
+def test_everything_written_is_in_the_crds_status_schema() -> None:
+    """The API server prunes what its schema lacks; a status with every field set loses nothing."""
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    res = run(suspend=False)
+    jobs, pods = all_running(res)
+    last = round_summary(2).model_copy(update={"failed": "late", "excluded": {"bank": "n"}, "client_epsilon": {"a": 1}})
+    final = FinalSummary(
+        rounds=3,
+        adapter="s3://a",
+        adapter_sha256="ab" * 32,
+        config_sha256="cd" * 32,
+        chain=[],
+        epoch=1,
+        stopped_early="privacy.targetEpsilon",
+        eval_loss=1.0,
+    )
+    written = observe(res, jobs=jobs, pods=pods, progress=Progress(committed=3, final=final, last=last)).patch()
+
+    def check(value: Any, node: dict[str, Any], path: str) -> None:
+        if isinstance(value, dict) and "properties" in node:
+            for key, child in value.items():
+                assert key in node["properties"], f"{path}.{key} is not in the status schema"
+                check(child, node["properties"][key], f"{path}.{key}")
+        elif isinstance(value, list) and "items" in node:
+            for item in value:
+                check(item, node["items"], f"{path}[]")
+
+    check(written, schema, "status")
+    assert {"lastRound", "adapterSHA256", "stoppedEarly", "completionTime", "finalEvalLoss"} <= set(written)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,22 +16,32 @@ State = dict[str, torch.Tensor]
 
 @dataclass
 class ClientUpdate:
-    """A validated, decoded update: delta = client's adapter after local training − the round's global."""
+    """A checked, decoded update: delta = client's adapter after local training − the round's global.
+
+    `delta` may be lazy, reading each tensor from the aggregator's local disk when it is indexed and
+    caching nothing: index each key once and keep the tensor while it is needed. Its tensors are only
+    read, never written. `norm` is the delta's L2 norm where the check that accepted it computed it.
+    """
 
     client: str
     weight: float
-    delta: State
+    delta: Mapping[str, torch.Tensor]
+    norm: float | None = None
 
 
 class Strategy(ABC):
     """Turns the round's global and its client updates into the next global.
 
-    `updates` may be a lazy iterator that loads each update from storage when reached, so mean-based
-    strategies hold about two updates in memory however many clients there are. `server_state` carries
-    what a strategy keeps between rounds (momentum, moments); it is persisted with each global.
+    A `single_pass` strategy consumes `updates` once, in order: the aggregator then hands it a lazy
+    iterator that reads the next updates from storage while the current one is added, so it holds a
+    few updates however many clients there are. Any other strategy gets a list of updates whose deltas
+    are lazy (see `ClientUpdate`), so working one tensor key at a time holds K tensors of that key,
+    never K updates. `server_state` carries what a strategy keeps between rounds (momentum, moments);
+    it is persisted with each global.
     """
 
     name: str = ""
+    single_pass: bool = False
 
     def __init__(self, spec: AggregationSpec) -> None:
         self.spec = spec
@@ -44,7 +54,7 @@ class Strategy(ABC):
 
 
 def collect(updates: Iterable[ClientUpdate], least: int, why: str) -> list[ClientUpdate]:
-    """All updates in memory, as rank- and distance-based strategies need them together."""
+    """All updates together, as rank- and distance-based strategies need them (their deltas may be lazy)."""
     out = list(updates)
     if len(out) < least:
         raise FedtuneError(f"aggregation: {why} needs at least {least} updates, got {len(out)}")

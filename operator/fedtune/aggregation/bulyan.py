@@ -3,7 +3,9 @@
 With n updates and f = byzantineClients (n ≥ 4f + 3): θ = n − 2f updates are chosen by Krum one at a
 time, each round on those not yet chosen; then per coordinate the β = θ − 2f values closest to the
 median of the chosen ones are averaged. Those β values are a contiguous run of the sorted values, found
-by dropping 2f times whichever end lies farther from the median (the upper end on a tie).
+by dropping 2f times whichever end lies farther from the median (the upper end on a tie). The selection
+follows `distances`' rule for equal scores, and the trimmed average is symmetric in its inputs, so the
+result does not depend on the order the updates arrive in.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from fedtune.aggregation.base import ClientUpdate, State, Strategy, collect
-from fedtune.aggregation.distances import krum_scores, squared_distances
+from fedtune.aggregation.distances import krum_choice
 from fedtune.aggregation.fedavg import apply_delta
 from fedtune.aggregation.order import sort_rows
 from fedtune.tensors import single_threaded
@@ -39,19 +41,16 @@ def closest_to_median_mean(rows: list[torch.Tensor], drop: int) -> torch.Tensor:
 class Bulyan(Strategy):
     name = "bulyan"
 
+    def select(self, ups: list[ClientUpdate]) -> list[ClientUpdate]:
+        """The n − 2f updates Krum picks one at a time, each among those not yet picked."""
+        f = self.spec.byzantine_clients
+        return krum_choice(ups, f, len(ups) - 2 * f, rescore=True)
+
     @single_threaded()
     def aggregate(
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
     ) -> tuple[State, State]:
         f = self.spec.byzantine_clients
-        ups = collect(updates, 4 * f + 3, f"bulyan with byzantineClients={f}")
-        d2 = squared_distances(ups)
-        left = list(range(len(ups)))
-        chosen: list[int] = []
-        for _ in range(len(ups) - 2 * f):
-            sub = d2[left][:, left]
-            best = left[int(torch.argmin(krum_scores(sub, f)))]
-            chosen.append(best)
-            left.remove(best)
-        delta = {k: closest_to_median_mean([ups[i].delta[k] for i in chosen], 2 * f) for k in ups[0].delta}
+        chosen = self.select(collect(updates, 4 * f + 3, f"{self.name} with byzantineClients={f}"))
+        delta = {k: closest_to_median_mean([u.delta[k] for u in chosen], 2 * f) for k in chosen[0].delta}
         return apply_delta(global_state, delta), server_state

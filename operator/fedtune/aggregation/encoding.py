@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load as st_load
@@ -28,9 +31,20 @@ SCALES = "__scales__"
 INT8_MAX = 127.0
 
 
-def _rows(t: torch.Tensor, per_channel: bool) -> int:
+def _rows(shape: tuple[int, ...], per_channel: bool) -> int:
     """How many scales a tensor gets: one per row (first dimension) or one in all."""
-    return t.shape[0] if per_channel and t.dim() >= 2 and t.shape[0] > 0 else 1
+    return shape[0] if per_channel and len(shape) >= 2 and shape[0] > 0 else 1
+
+
+def _scale_ranges(shapes: dict[str, tuple[int, ...]], per_channel: bool) -> dict[str, tuple[int, int]]:
+    """Each tensor's (first index, count) in `__scales__`, which lists them in sorted key order."""
+    ranges: dict[str, tuple[int, int]] = {}
+    at = 0
+    for k in sorted(shapes):
+        n = _rows(shapes[k], per_channel)
+        ranges[k] = (at, n)
+        at += n
+    return ranges
 
 
 def _quantize(state: State, per_channel: bool) -> dict[str, torch.Tensor]:
@@ -38,7 +52,7 @@ def _quantize(state: State, per_channel: bool) -> dict[str, torch.Tensor]:
     scales: list[torch.Tensor] = []
     for k in sorted(state):
         t = state[k].detach().to(torch.float32).cpu()
-        flat = t.reshape(_rows(t, per_channel), -1)
+        flat = t.reshape(_rows(tuple(t.shape), per_channel), -1)
         peak = flat.abs().amax(dim=1) if flat.shape[1] else torch.zeros(flat.shape[0])
         scale = peak / INT8_MAX
         q = torch.round(flat / torch.where(scale > 0, scale, 1.0)[:, None]).clamp_(-INT8_MAX, INT8_MAX)
@@ -48,17 +62,18 @@ def _quantize(state: State, per_channel: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def _dequantize(tensors: dict[str, torch.Tensor], per_channel: bool) -> State:
+def _dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 values times the float32 scale of their row (or of the whole tensor)."""
+    return (q.reshape(scales.numel(), -1).to(torch.float32) * scales[:, None]).reshape(q.shape)
+
+
+def _dequantize_all(tensors: dict[str, torch.Tensor], per_channel: bool) -> State:
     scales = tensors.pop(SCALES, torch.zeros(0)).to(torch.float32)
     out: State = {}
-    at = 0
-    for k in sorted(tensors):
-        q = tensors[k]
-        n = _rows(q, per_channel)
+    for k, (at, n) in _scale_ranges({k: tuple(v.shape) for k, v in tensors.items()}, per_channel).items():
         if at + n > scales.numel():
             raise FedtuneError(f"update: {SCALES} too short for {k}")
-        out[k] = (q.reshape(n, -1).to(torch.float32) * scales[at : at + n, None]).reshape(q.shape)
-        at += n
+        out[k] = _dequantize(tensors[k], scales[at : at + n])
     return out
 
 
@@ -98,7 +113,7 @@ def decode(data: bytes) -> State:
     enc = encoding_of(data)
     tensors = dict(st_load(data))
     if enc.startswith("int8"):
-        return _dequantize(tensors, per_channel=enc == "int8-channel")
+        return _dequantize_all(tensors, per_channel=enc == "int8-channel")
     return {k: v.to(torch.float32) for k, v in tensors.items()}
 
 
@@ -113,7 +128,7 @@ def expected_layout(reference: State, encoding: str) -> dict[str, tuple[str, tup
     dtype = _DTYPES[encoding]
     layout = {k: (dtype, tuple(v.shape)) for k, v in reference.items()}
     if encoding.startswith("int8"):
-        rows = sum(_rows(v, encoding == "int8-channel") for v in reference.values())
+        rows = sum(_rows(tuple(v.shape), encoding == "int8-channel") for v in reference.values())
         layout[SCALES] = ("F32", (rows,))
     return layout
 
@@ -125,45 +140,127 @@ def size_bounds(reference: State, encoding: str) -> tuple[int, int]:
     return data + 8, data + 8 + _HEADER_FIXED + _HEADER_PER_TENSOR * len(layout)
 
 
-def check_header(data: bytes, reference: State, encoding: str) -> str | None:
-    """Why the safetensors header is not that of an honest update (keys, dtypes, shapes), or None.
+class Entry(NamedTuple):
+    """One tensor of a checked update: its safetensors dtype and shape, and its bytes' range in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each tensor of a checked update lies in its bytes, so that tensors decode one at a time."""
+
+    tensors: dict[str, Entry]  # in the reference's key order
+    scales: Entry | None  # int8: the `__scales__` tensor
+    scale_ranges: dict[str, tuple[int, int]]  # int8: each tensor's (first index, count) in it
+
+    def scales_of(self, key: str, scales: torch.Tensor | None) -> torch.Tensor | None:
+        """The slice of the decoded `__scales__` that belongs to `key` (None where not int8)."""
+        if scales is None:
+            return None
+        at, n = self.scale_ranges[key]
+        return scales[at : at + n]
+
+
+def read_layout(data: bytes, reference: State, encoding: str) -> Layout:
+    """The layout of the update in `data`, if its safetensors header is that of an honest update of
+    `reference` (keys, dtypes, shapes, and byte ranges that tile the data exactly); FedtuneError with
+    the reason if not.
 
     Read before any tensor is decoded, so a hostile file costs no more than its header.
     """
     if len(data) < 8:
-        return "not a safetensors file (too short)"
+        raise FedtuneError("not a safetensors file (too short)")
     (size,) = struct.unpack("<Q", data[:8])
     if size > len(data) - 8:
-        return f"header claims {size} bytes, the object has {len(data) - 8} after its length"
+        raise FedtuneError(f"header claims {size} bytes, the object has {len(data) - 8} after its length")
     want = expected_layout(reference, encoding)
     if size > _HEADER_FIXED + _HEADER_PER_TENSOR * len(want):
-        return f"header of {size} bytes, more than an update of {len(want)} tensors needs"
+        raise FedtuneError(f"header of {size} bytes, more than an update of {len(want)} tensors needs")
     try:
         header = json.loads(data[8 : 8 + size])
     except (ValueError, RecursionError):
-        return "not a safetensors file (bad header)"
+        raise FedtuneError("not a safetensors file (bad header)") from None
     if not isinstance(header, dict):
-        return "not a safetensors file (bad header)"
+        raise FedtuneError("not a safetensors file (bad header)")
     meta = header.pop("__metadata__", None) or {}
     got_encoding = meta.get("encoding", "fp32") if isinstance(meta, dict) else None
     if got_encoding != encoding:
-        return f"encoding {got_encoding!r}, the run uses {encoding!r}"
+        raise FedtuneError(f"encoding {got_encoding!r}, the run uses {encoding!r}")
     missing, extra = sorted(set(want) - set(header)), sorted(set(header) - set(want))
     if missing:
-        return f"missing key {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        raise FedtuneError(f"missing key {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if extra:
-        return f"unexpected key {extra[0]}"
-    for k, (dtype, shape) in want.items():
-        entry = header[k]
-        if not isinstance(entry, dict):
-            return f"{k}: not a tensor entry"
-        got = entry.get("dtype")
-        if got != dtype:
-            return f"{k}: dtype {str(got)[:16]}, expected {dtype}"
-        dims = entry.get("shape")
-        if not isinstance(dims, list) or [d for d in dims if type(d) is not int] or tuple(dims) != shape:
-            return f"{k}: shape {str(dims)[:64]}, expected {shape}"
-    return None
+        raise FedtuneError(f"unexpected key {extra[0]}")
+    entries = {k: _entry(k, header[k], dtype, shape, 8 + size) for k, (dtype, shape) in want.items()}
+    at = 8 + size
+    for k, e in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if e.start != at:
+            raise FedtuneError(f"{k}: data at byte {e.start}, the tensor before it ends at {at}")
+        at = e.end
+    if at != len(data):
+        raise FedtuneError(f"the tensors end at byte {at}, the object has {len(data)}")
+    per_channel = encoding == "int8-channel"
+    quantized = encoding.startswith("int8")
+    return Layout(
+        tensors={k: e for k, e in entries.items() if k != SCALES},
+        scales=entries[SCALES] if quantized else None,
+        scale_ranges=_scale_ranges({k: tuple(v.shape) for k, v in reference.items()}, per_channel) if quantized else {},
+    )
+
+
+def _entry(key: str, entry: object, dtype: str, shape: tuple[int, ...], data_start: int) -> Entry:
+    """One header entry, checked against the dtype and shape an honest update has there."""
+    if not isinstance(entry, dict):
+        raise FedtuneError(f"{key}: not a tensor entry")
+    got = entry.get("dtype")
+    if got != dtype:
+        raise FedtuneError(f"{key}: dtype {str(got)[:16]}, expected {dtype}")
+    dims = entry.get("shape")
+    if not isinstance(dims, list) or [d for d in dims if type(d) is not int] or tuple(dims) != shape:
+        raise FedtuneError(f"{key}: shape {str(dims)[:64]}, expected {shape}")
+    offsets = entry.get("data_offsets")
+    if not isinstance(offsets, list) or len(offsets) != 2 or [o for o in offsets if type(o) is not int]:
+        raise FedtuneError(f"{key}: data_offsets {str(offsets)[:64]}, expected two integers")
+    begin, end = offsets
+    if end - begin != _ITEMSIZE[dtype] * math.prod(shape):
+        raise FedtuneError(f"{key}: data_offsets {begin}..{end} do not hold a tensor of shape {shape}")
+    return Entry(dtype, shape, data_start + begin, data_start + end)
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "I8": torch.int8}
+
+# fp32 tensors of a checked update are views of its immutable bytes, only ever read. torch warns once
+# per process that such a view is not writable; that one warning is drawn here, silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    torch.frombuffer(bytes(4), dtype=torch.float32)
+
+
+def decode_entry(buf: bytes | bytearray, offset: int, entry: Entry, scales: torch.Tensor | None) -> torch.Tensor:
+    """The float32 tensor whose bytes start at `offset` in `buf`: for fp32 a view of them (no copy) where
+    they are aligned; int8 values are multiplied by `scales`, their slice of `__scales__`."""
+    count = math.prod(entry.shape)
+    if count == 0:
+        return torch.zeros(entry.shape)
+    width = _ITEMSIZE[entry.dtype]
+    if offset % width:  # a view's values must be aligned: copy just this tensor's bytes
+        buf, offset = bytearray(memoryview(buf)[offset : offset + count * width]), 0
+    t = torch.frombuffer(buf, dtype=_TORCH_DTYPES[entry.dtype], count=count, offset=offset).reshape(entry.shape)
+    return t.to(torch.float32) if scales is None else _dequantize(t, scales)
+
+
+@single_threaded()
+def decode_checked(data: bytes, layout: Layout) -> State:
+    """Float32 tensors of an update whose `layout` was read from `data`; fp32 ones are views of its bytes.
+
+    The views are only read: `data` is immutable, and nothing may write through them.
+    """
+    scales = None if layout.scales is None else decode_entry(data, layout.scales.start, layout.scales, None)
+    return {k: decode_entry(data, e.start, e, layout.scales_of(k, scales)) for k, e in layout.tensors.items()}
 
 
 def save_state(state: State) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterable
 
 import torch
@@ -60,14 +61,28 @@ def apply_delta(global_state: State, delta: State, scale: float = 1.0, reuse_del
     return out
 
 
-class FedAvg(Strategy):
-    """The weighted mean of the updates added to the global."""
+class MeanStrategy(Strategy):
+    """A strategy whose next global is a function of the round's mean update alone: the mean is
+    streamed, and `step` applies it. Differential privacy replaces the weighted mean with a noised one
+    and calls the same `step`."""
 
-    name = "fedavg"
+    single_pass = True
+
+    @abstractmethod
+    def step(self, global_state: State, mean: State, server_state: State) -> tuple[State, State]:
+        """The next global and server state from the round's mean update, a buffer `step` may overwrite."""
 
     @single_threaded()
     def aggregate(
         self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
     ) -> tuple[State, State]:
-        total_delta, weight = weighted_sum(updates)
-        return apply_delta(global_state, total_delta, 1.0 / weight, reuse_delta=True), server_state
+        return self.step(global_state, weighted_mean(updates), server_state)
+
+
+class FedAvg(MeanStrategy):
+    """The weighted mean of the updates added to the global."""
+
+    name = "fedavg"
+
+    def step(self, global_state: State, mean: State, server_state: State) -> tuple[State, State]:
+        return apply_delta(global_state, mean, reuse_delta=True), server_state

@@ -6,23 +6,18 @@ in the server state under `momentum/<key>`, so a restarted aggregator continues 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from fedtune.aggregation.base import ClientUpdate, State, Strategy
-from fedtune.aggregation.fedavg import apply_delta, weighted_mean
+from fedtune.aggregation.base import State
+from fedtune.aggregation.fedavg import MeanStrategy, apply_delta
 from fedtune.tensors import single_threaded
 
 PREFIX = "momentum/"
 
 
-class FedAvgM(Strategy):
+class FedAvgM(MeanStrategy):
     name = "fedavgm"
 
     @single_threaded()
-    def aggregate(
-        self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
-    ) -> tuple[State, State]:
-        mean = weighted_mean(updates)
+    def step(self, global_state: State, mean: State, server_state: State) -> tuple[State, State]:
         beta = self.spec.server_momentum
         state = dict(server_state)
         for k, d in mean.items():

@@ -1,7 +1,8 @@
 """FedMedian (Yin et al. 2018): the coordinate-wise median of the updates, robust to outliers.
 
-Weights are ignored: a weight would let one client claim many votes. All updates are held, as any
-rank statistic needs them together; the work runs one tensor key at a time.
+Weights are ignored: a weight would let one client claim many votes. A rank statistic needs all
+updates together, so the work runs one tensor key at a time: with the aggregator's lazy updates only
+that key's K tensors are in memory, never K whole updates.
 """
 
 from __future__ import annotations

@@ -14,16 +14,15 @@ arithmetic on tensors saved and loaded bit-exactly, so a restarted aggregator co
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable
 
 import torch
 
-from fedtune.aggregation.base import ClientUpdate, State, Strategy
-from fedtune.aggregation.fedavg import apply_delta, weighted_mean
+from fedtune.aggregation.base import State
+from fedtune.aggregation.fedavg import MeanStrategy, apply_delta
 from fedtune.tensors import single_threaded
 
 
-class FedOpt(Strategy):
+class FedOpt(MeanStrategy):
     """The shared step; subclasses say only how the second moment moves."""
 
     @abstractmethod
@@ -31,18 +30,15 @@ class FedOpt(Strategy):
         """The new second-moment estimate from the old one and the squared pseudo-gradient."""
 
     @single_threaded()
-    def aggregate(
-        self, global_state: State, updates: Iterable[ClientUpdate], server_state: State
-    ) -> tuple[State, State]:
-        mean = weighted_mean(updates)
+    def step(self, global_state: State, mean: State, server_state: State) -> tuple[State, State]:
         beta1, tau = self.spec.server_momentum, self.spec.tau
         state = dict(server_state)
-        step: State = {}
+        direction: State = {}
         for k, d in mean.items():
             m = server_state.get(f"m/{k}", torch.zeros_like(d))
             v = server_state.get(f"v/{k}", torch.full_like(d, tau * tau))
             m = m.mul(beta1).add_(d, alpha=1.0 - beta1)
             v = self.second_moment(v, d * d)
             state[f"m/{k}"], state[f"v/{k}"] = m, v
-            step[k] = m / v.sqrt().add_(tau)
-        return apply_delta(global_state, step, self.spec.server_learning_rate), state
+            direction[k] = m / v.sqrt().add_(tau)
+        return apply_delta(global_state, direction, self.spec.server_learning_rate), state

@@ -1,17 +1,16 @@
 """Krum (Blanchard et al. 2017): the one update closest to its K − f − 2 nearest neighbours.
 
-With f = byzantineClients it tolerates f arbitrary updates when K > 2f + 2. Distances come from a Gram
-matrix (see `distances`).
+With f = byzantineClients it tolerates f arbitrary updates when K > 2f + 2. Distances, scores and the
+rule for equal scores are in `distances`: centred float64 distances, and equal scores go to the client
+name that sorts first, so the choice depends neither on arrival order nor on rounding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-
 from fedtune.aggregation.base import ClientUpdate, State, Strategy, collect
-from fedtune.aggregation.distances import krum_scores, squared_distances
+from fedtune.aggregation.distances import krum_choice
 from fedtune.aggregation.fedavg import apply_delta, weighted_mean
 from fedtune.tensors import single_threaded
 
@@ -24,11 +23,8 @@ class Krum(Strategy):
         return 1
 
     def select(self, ups: list[ClientUpdate]) -> list[ClientUpdate]:
-        """The `keep` updates of lowest Krum score, ties to the earlier update."""
-        f = self.spec.byzantine_clients
-        scores = krum_scores(squared_distances(ups), f)
-        order = torch.sort(scores, stable=True).indices[: self.keep(len(ups))]
-        return [ups[int(i)] for i in order]
+        """The `keep` updates of lowest Krum score, best first."""
+        return krum_choice(ups, self.spec.byzantine_clients, self.keep(len(ups)), rescore=False)
 
     @single_threaded()
     def aggregate(

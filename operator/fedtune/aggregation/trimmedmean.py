@@ -1,5 +1,6 @@
 """Trimmed mean (Yin et al. 2018): per coordinate, drop the ⌊β·K⌋ smallest and largest values, average
-the rest (β = trimFraction). Unweighted, like the median.
+the rest (β = trimFraction). Unweighted, like the median, and like it worked one tensor key at a time,
+so with the aggregator's lazy updates only that key's K tensors are in memory.
 """
 
 from __future__ import annotations

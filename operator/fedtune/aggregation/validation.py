@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -22,7 +23,7 @@ def _norm(t: torch.Tensor) -> float:
 
 
 @single_threaded()
-def update_norm(delta: State) -> float:
+def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
     """The L2 norm of the whole update, all tensors flattened together."""
     return math.sqrt(sum(_norm(v) ** 2 for v in delta.values()))
 
@@ -41,9 +42,19 @@ def all_finite(state: State) -> bool:
     return all(math.isfinite(_norm(v)) for v in state.values())
 
 
+def validate_update(
+    delta: Mapping[str, torch.Tensor], trainable: State, max_norm: float | None, reveal: bool = True
+) -> str | None:
+    """Why the update must be rejected, or None if it is sound (see `validate`)."""
+    return validate(delta, trainable, max_norm, reveal)[0]
+
+
 @single_threaded()
-def validate_update(delta: State, trainable: State, max_norm: float | None, reveal: bool = True) -> str | None:
-    """Why the update must be rejected, or None if it is sound.
+def validate(
+    delta: Mapping[str, torch.Tensor], trainable: State, max_norm: float | None, reveal: bool = True
+) -> tuple[str | None, float]:
+    """Why the update must be rejected (None if it is sound), and its L2 norm: one pass over its values
+    serves the finite check, the bound and the norm a round records.
 
     `trainable` holds the global's tensors for the keys an update must carry, in their shapes. An
     update's tensors are floating point; decoding yields float32, so besides the global's own dtype
@@ -51,23 +62,22 @@ def validate_update(delta: State, trainable: State, max_norm: float | None, reve
     """
     missing = sorted(set(trainable) - set(delta))
     if missing:
-        return f"missing key {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        return f"missing key {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""), math.nan
     extra = sorted(set(delta) - set(trainable))
     if extra:
-        return f"unexpected key {extra[0]}"
+        return f"unexpected key {extra[0]}", math.nan
     sumsq = 0.0
     for k, v in delta.items():
         want = trainable[k]
         if tuple(v.shape) != tuple(want.shape):
-            return f"{k}: shape {tuple(v.shape)}, expected {tuple(want.shape)}"
+            return f"{k}: shape {tuple(v.shape)}, expected {tuple(want.shape)}", math.nan
         if not v.is_floating_point() or v.dtype not in (want.dtype, torch.float32):
-            return f"{k}: dtype {v.dtype}, expected {want.dtype}"
+            return f"{k}: dtype {v.dtype}, expected {want.dtype}", math.nan
         n = _norm(v)
         if not math.isfinite(n):
-            return f"{k}: non-finite values"
-        sumsq += n * n
-    if max_norm is not None:
-        norm = math.sqrt(sumsq)
-        if not norm <= max_norm:
-            return f"L2 norm {f'{norm:.4g} ' if reveal else ''}exceeds the bound {max_norm:.4g}"
-    return None
+            return f"{k}: non-finite values", math.nan
+        sumsq += n**2
+    norm = math.sqrt(sumsq)
+    if max_norm is not None and not norm <= max_norm:
+        return f"L2 norm {f'{norm:.4g} ' if reveal else ''}exceeds the bound {max_norm:.4g}", norm
+    return None, norm

@@ -5,11 +5,15 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from fedtune.api.rules import Rule, Violation, add_validations, unless
+from fedtune.api.status import RunStatus
 
 API_GROUP = "fedtune.io"
 API_VERSION = "v1alpha1"
@@ -22,10 +26,13 @@ MAX_CLIENTS = 256
 PUBLIC_KEY = r"^ed25519:[A-Za-z0-9+/]{43}=$"
 # The label a Secret needs before a run may reference it: the operator reads no other Secret.
 CREDENTIALS_LABEL = f"{API_GROUP}/credentials"
+# Object stores fedtune can reach (fedtune.storage); a plain path is a local folder.
+STORAGE_SCHEMES = ("s3", "file", "memory")
 
 
 class SpecModel(BaseModel):
-    """Base of every spec model: camelCase aliases, unknown fields rejected, values validated on set."""
+    """Base of every spec model: camelCase aliases, unknown fields rejected, values validated on set, and the
+    model's cross-field `rules` checked here and written into its schema as CEL."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -33,6 +40,32 @@ class SpecModel(BaseModel):
         extra="forbid",
         validate_assignment=True,
         use_enum_values=True,
+        json_schema_extra=add_validations,
+    )
+
+    rules: ClassVar[tuple[Rule[Any], ...]] = ()
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        for rule in self.rules:
+            rule.check(self)
+        return self
+
+
+def scheme_rule(field: str, uri: Callable[[Any], str | None], required: bool = True) -> Rule[Any]:
+    """The URL in `field` names a scheme fedtune.storage serves, or none (a plain path)."""
+    cel = f"!self.{field}.contains('://') || self.{field}.matches('^({'|'.join(STORAGE_SCHEMES)})://')"
+
+    def find(model: Any) -> Violation | None:
+        value = uri(model) or ""
+        scheme = value.split("://", 1)[0] if "://" in value else None
+        return unless(scheme is None or scheme in STORAGE_SCHEMES, f"found {scheme!r}")
+
+    return Rule(
+        field=field,
+        message=f"unsupported storage scheme (supported: {', '.join(STORAGE_SCHEMES)}, or a plain path)",
+        cel=cel if required else f"!has(self.{field}) || {cel}",
+        find=find,
     )
 
 
@@ -57,11 +90,14 @@ class ModelSpec(SpecModel):
     )
     revision: str | None = Field(None, max_length=128, description="Revision of a pretrained model.")
 
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelSpec:
-        if (self.name is None) == (self.config is None):
-            raise ValueError("set exactly one of name (pretrained) or config (built from a config)")
-        return self
+    rules = (
+        Rule["ModelSpec"](
+            field="",
+            message="set exactly one of name (pretrained) or config (built from a config)",
+            cel="has(self.name) != has(self.config)",
+            find=lambda m: unless((m.name is None) != (m.config is None)),
+        ),
+    )
 
 
 class TokenizerSpec(SpecModel):
@@ -76,11 +112,14 @@ class TokenizerSpec(SpecModel):
         description="A tokenizer built locally: 'bytes' maps each UTF-8 byte to one token.",
     )
 
-    @model_validator(mode="after")
-    def _not_both(self) -> TokenizerSpec:
-        if self.name is not None and self.builtin is not None:
-            raise ValueError("set at most one of name or builtin")
-        return self
+    rules = (
+        Rule["TokenizerSpec"](
+            field="",
+            message="set at most one of name or builtin",
+            cel="!has(self.name) || !has(self.builtin)",
+            find=lambda t: unless(t.name is None or t.builtin is None),
+        ),
+    )
 
 
 class PeftMethod(StrEnum):
@@ -158,6 +197,11 @@ class DataSpec(SpecModel):
         f"{CREDENTIALS_LABEL}.",
     )
 
+    rules = (
+        scheme_rule("uri", lambda d: d.uri),
+        scheme_rule("evalUri", lambda d: d.eval_uri, required=False),
+    )
+
     @field_validator("template")
     @classmethod
     def _valid_template(cls, value: str) -> str:
@@ -228,16 +272,8 @@ class PlacementSpec(SpecModel):
     affinity: dict[str, Any] | None = Field(None, description="A Kubernetes affinity, passed as is.")
 
 
-_KEY_PAIR_MESSAGE = "publicKey and signingKeySecretRef go together: the Secret holds the private half of the key"
-_IDENTITY_RULES: list[JsonValue] = [
-    {"rule": "has(self.publicKey) == has(self.signingKeySecretRef)", "message": _KEY_PAIR_MESSAGE}
-]
-
-
 class PartySpec(PlacementSpec):
     """A party of the run (the aggregator or one client): its pod, its storage identity, its signing key."""
-
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _IDENTITY_RULES})
 
     secret_ref: str | None = Field(
         None,
@@ -259,11 +295,14 @@ class PartySpec(PlacementSpec):
         f"into this party's pod only. Needs the label {CREDENTIALS_LABEL}.",
     )
 
-    @model_validator(mode="after")
-    def _key_pair(self) -> PartySpec:
-        if (self.public_key is None) != (self.signing_key_secret_ref is None):
-            raise ValueError(f"publicKey: {_KEY_PAIR_MESSAGE}")
-        return self
+    rules = (
+        Rule["PartySpec"](
+            field="publicKey",
+            message="publicKey and signingKeySecretRef go together: the Secret holds the private half of the key",
+            cel="has(self.publicKey) == has(self.signingKeySecretRef)",
+            find=lambda p: unless((p.public_key is None) == (p.signing_key_secret_ref is None)),
+        ),
+    )
 
 
 class ClientSpec(PartySpec):
@@ -298,7 +337,9 @@ class TrainingSpec(SpecModel):
     eval_batches: int = Field(8, ge=1, description="At most this many batches of the eval split are scored.")
 
 
-class Strategy(StrEnum):
+# What spec.aggregation.strategy may name (a docstring here would replace the field's description in the
+# CRD); fedtune.aggregation.Strategy is the implementation.
+class StrategyName(StrEnum):
     FEDAVG = "fedavg"
     FEDAVGM = "fedavgm"
     FEDPROX = "fedprox"
@@ -317,13 +358,18 @@ class Strategy(StrEnum):
 BYZANTINE_MINIMUM = {"krum": (2, 3), "multikrum": (2, 3), "bulyan": (4, 3)}
 # The coordinator's party name: a client may not take it (bucket policies and keys are per party name).
 RESERVED_CLIENT_NAME = "aggregator"
-# Object stores fedtune can reach (fedtune.storage); a plain path is a local folder.
-STORAGE_SCHEMES = ("s3", "file", "memory")
 
 # Strategies whose result is a function of the (weighted) mean update alone: only these compose with
 # client-level differential privacy, which noises that mean.
 MEAN_BASED = frozenset(
-    {Strategy.FEDAVG, Strategy.FEDAVGM, Strategy.FEDPROX, Strategy.FEDADAM, Strategy.FEDYOGI, Strategy.FEDADAGRAD}
+    {
+        StrategyName.FEDAVG,
+        StrategyName.FEDAVGM,
+        StrategyName.FEDPROX,
+        StrategyName.FEDADAM,
+        StrategyName.FEDYOGI,
+        StrategyName.FEDADAGRAD,
+    }
 )
 
 
@@ -337,7 +383,7 @@ class Encoding(StrEnum):
 class AggregationSpec(SpecModel):
     """How rounds run and how client updates are combined."""
 
-    strategy: Strategy = Field(Strategy.FEDAVG, description="Aggregation strategy.")
+    strategy: StrategyName = Field(StrategyName.FEDAVG, description="Aggregation strategy.")
     rounds: int = Field(5, ge=1, le=100_000, description="Number of federated rounds.")
     clients_per_round: int | None = Field(
         None, ge=1, le=MAX_CLIENTS, description="Clients sampled each round; defaults to all clients."
@@ -419,6 +465,65 @@ class StorageSpec(SpecModel):
     )
     keep: bool = Field(True, description="Keep the run's objects when the resource is deleted.")
 
+    rules = (scheme_rule("uri", lambda s: s.uri),)
+
+
+_DP_ON = "(has(self.privacy) && has(self.privacy.enabled) && self.privacy.enabled)"
+
+
+def _unset_in_aggregation(field: str) -> str:
+    return f"(!has(self.aggregation) || !has(self.aggregation.{field}))"
+
+
+def _in_aggregation(field: str, default: int) -> str:
+    return f"(has(self.aggregation) && has(self.aggregation.{field}) ? self.aggregation.{field} : {default})"
+
+
+def byzantine_rule(strategy: str, a: int, b: int) -> Rule[FederatedFineTuneSpec]:
+    """A distance-based strategy needs a*f + b updates in every round it may close (f = byzantineClients)."""
+
+    def find(spec: FederatedFineTuneSpec) -> Violation | None:
+        agg = spec.aggregation
+        need = a * agg.byzantine_clients + b
+        return unless(
+            agg.strategy != strategy or agg.min_clients >= need,
+            f"byzantineClients={agg.byzantine_clients} needs at least {need} updates in a round; "
+            f"minClients is {agg.min_clients}",
+        )
+
+    return Rule(
+        field="aggregation.minClients",
+        message=f"{strategy} needs minClients >= {a}*byzantineClients + {b}",
+        cel=f"{_unset_in_aggregation('strategy')} || self.aggregation.strategy != '{strategy}' || "
+        f"{_in_aggregation('minClients', 1)} >= {a} * {_in_aggregation('byzantineClients', 0)} + {b}",
+        find=find,
+    )
+
+
+def at_most_clients(field: str, value: Callable[[AggregationSpec], int | None]) -> Rule[FederatedFineTuneSpec]:
+    """aggregation.<field>, where set, is no more than the clients there are."""
+
+    def find(spec: FederatedFineTuneSpec) -> Violation | None:
+        n = value(spec.aggregation)
+        return unless(n is None or n <= len(spec.clients), f"{field} is {n}, with {len(spec.clients)} clients")
+
+    return Rule(
+        field=f"aggregation.{field}",
+        message="must not exceed the number of clients",
+        cel=f"{_unset_in_aggregation(field)} || self.aggregation.{field} <= size(self.clients)",
+        find=find,
+    )
+
+
+def duplicate_client(clients: list[ClientSpec]) -> Violation | None:
+    """The first client whose name an earlier client already has."""
+    first: dict[str, int] = {}
+    for i, c in enumerate(clients):
+        if c.name in first:
+            return Violation(f"clients[{i}].name", f"{c.name!r} is also clients[{first[c.name]}].name")
+        first[c.name] = i
+    return None
+
 
 class FederatedFineTuneSpec(SpecModel):
     """What to fine-tune, on whose data, and how the federation runs."""
@@ -449,64 +554,68 @@ class FederatedFineTuneSpec(SpecModel):
     )
     backoff_limit: int = Field(3, ge=0, le=100, description="Restarts of a failing client before it is dropped.")
 
-    @model_validator(mode="after")
-    def _cross_field(self) -> FederatedFineTuneSpec:
-        names = [c.name for c in self.clients]
-        seen: set[str] = set()
-        for i, n in enumerate(names):
-            if n in seen:
-                raise ValueError(f"clients[{i}].name: duplicate client name {n!r}")
-            if n == RESERVED_CLIENT_NAME:
-                raise ValueError(f"clients[{i}].name: {n!r} is the coordinator's party name; choose another")
-            seen.add(n)
-        agg = self.aggregation
-        if self.privacy.enabled and agg.max_update_norm is not None:
-            raise ValueError(
-                "aggregation.maxUpdateNorm: under differential privacy every update is clipped to privacy.clipNorm; "
-                "rejecting on the norm would release whether a client's update exceeded it, un-noised"
-            )
-        if self.privacy.enabled and agg.strategy not in MEAN_BASED:
-            raise ValueError(
-                f"privacy.enabled: differential privacy noises the mean update, which strategy {agg.strategy} "
-                f"does not use; choose one of {', '.join(sorted(MEAN_BASED))}"
-            )
-        if agg.strategy in BYZANTINE_MINIMUM:
-            a, b = BYZANTINE_MINIMUM[str(agg.strategy)]
-            need = a * agg.byzantine_clients + b
-            if agg.min_clients < need:
-                raise ValueError(
-                    f"aggregation.minClients: {agg.strategy} with byzantineClients={agg.byzantine_clients} needs "
-                    f"at least {a}f+{b} = {need} updates in a round; minClients is {agg.min_clients}"
-                )
-        for path, uri in [("storage.uri", self.storage.uri)] + [
-            (f"clients[{i}].data.{f}", u)
-            for i, c in enumerate(self.clients)
-            for f, u in (("uri", c.data.uri), ("evalUri", c.data.eval_uri))
-            if u
-        ]:
-            scheme = uri.split("://", 1)[0] if "://" in uri else None
-            if scheme is not None and scheme not in STORAGE_SCHEMES:
-                raise ValueError(
-                    f"{path}: unsupported storage scheme {scheme!r} (supported: {', '.join(STORAGE_SCHEMES)}, "
-                    "or a plain path)"
-                )
-        if agg.min_clients > len(self.clients):
-            raise ValueError(f"aggregation.minClients: {agg.min_clients} is more than the {len(self.clients)} clients")
-        if agg.clients_per_round is not None:
-            if agg.clients_per_round > len(self.clients):
-                raise ValueError(
-                    f"aggregation.clientsPerRound: {agg.clients_per_round} is more than the {len(self.clients)} clients"
-                )
-            if agg.clients_per_round + agg.over_selection > len(self.clients):
-                raise ValueError(
-                    f"aggregation.overSelection: clientsPerRound {agg.clients_per_round} + overSelection "
-                    f"{agg.over_selection} is more than the {len(self.clients)} clients"
-                )
-            if agg.min_clients > agg.clients_per_round:
-                raise ValueError(
-                    f"aggregation.minClients: {agg.min_clients} is more than clientsPerRound {agg.clients_per_round}"
-                )
-        return self
+    rules = (
+        Rule["FederatedFineTuneSpec"](
+            field="clients",
+            # No FieldValueDuplicate reason: the API server would print "Duplicate value" and drop the message.
+            message="client names must be unique",
+            cel="self.clients.all(c, self.clients.exists_one(d, d.name == c.name))",
+            cel_message="'duplicate client name \"' + self.clients.map(c, c.name)"
+            ".filter(n, self.clients.filter(d, d.name == n).size() > 1)[0] + '\"'",
+            find=lambda s: duplicate_client(s.clients),
+        ),
+        Rule["FederatedFineTuneSpec"](
+            field="clients",
+            message=f"{RESERVED_CLIENT_NAME!r} is the coordinator's party name; choose another client name",
+            cel=f"self.clients.all(c, c.name != '{RESERVED_CLIENT_NAME}')",
+            find=lambda s: next(
+                (Violation(f"clients[{i}].name") for i, c in enumerate(s.clients) if c.name == RESERVED_CLIENT_NAME),
+                None,
+            ),
+        ),
+        Rule["FederatedFineTuneSpec"](
+            field="aggregation.maxUpdateNorm",
+            message="under differential privacy every update is clipped to privacy.clipNorm: leave maxUpdateNorm "
+            "unset (rejecting on the norm would release, un-noised, whether a client's update exceeded it)",
+            cel=f"!{_DP_ON} || !has(self.aggregation) || !has(self.aggregation.maxUpdateNorm)",
+            find=lambda s: unless(not s.privacy.enabled or s.aggregation.max_update_norm is None),
+        ),
+        Rule["FederatedFineTuneSpec"](
+            field="privacy.enabled",
+            message="differential privacy noises the mean update: it needs a mean-based strategy ("
+            + ", ".join(sorted(MEAN_BASED))
+            + ")",
+            cel=f"!{_DP_ON} || !has(self.aggregation) || !has(self.aggregation.strategy) || "
+            f"self.aggregation.strategy in {sorted(str(s) for s in MEAN_BASED)}",
+            find=lambda s: unless(
+                not s.privacy.enabled or s.aggregation.strategy in MEAN_BASED, f"strategy is {s.aggregation.strategy}"
+            ),
+        ),
+        *(byzantine_rule(strategy, a, b) for strategy, (a, b) in BYZANTINE_MINIMUM.items()),
+        at_most_clients("minClients", lambda a: a.min_clients),
+        at_most_clients("clientsPerRound", lambda a: a.clients_per_round),
+        Rule["FederatedFineTuneSpec"](
+            field="aggregation.overSelection",
+            message="clientsPerRound + overSelection must not exceed the number of clients",
+            cel=f"{_unset_in_aggregation('clientsPerRound')} || self.aggregation.clientsPerRound + "
+            f"{_in_aggregation('overSelection', 0)} <= size(self.clients)",
+            find=lambda s: unless(
+                s.aggregation.clients_per_round is None
+                or s.aggregation.clients_per_round + s.aggregation.over_selection <= len(s.clients),
+                f"{s.aggregation.clients_per_round} + {s.aggregation.over_selection}, with {len(s.clients)} clients",
+            ),
+        ),
+        Rule["FederatedFineTuneSpec"](
+            field="aggregation.minClients",
+            message="must not exceed clientsPerRound",
+            cel=f"{_unset_in_aggregation('clientsPerRound')} || "
+            f"{_in_aggregation('minClients', 1)} <= self.aggregation.clientsPerRound",
+            find=lambda s: unless(
+                s.aggregation.clients_per_round is None or s.aggregation.min_clients <= s.aggregation.clients_per_round,
+                f"minClients is {s.aggregation.min_clients}, clientsPerRound {s.aggregation.clients_per_round}",
+            ),
+        ),
+    )
 
     def parties(self) -> list[tuple[str, PartySpec]]:
         """(field path, party) of the aggregator and every client."""
@@ -553,4 +662,4 @@ class FederatedFineTune(BaseModel):
     kind: str = Field(KIND, pattern=rf"^{KIND}$")
     metadata: ObjectMeta
     spec: FederatedFineTuneSpec
-    status: dict[str, Any] | None = None
+    status: RunStatus | None = None

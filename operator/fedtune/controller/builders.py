@@ -6,7 +6,6 @@ fixed name, so creating them again (a restarted operator, a re-applied resource)
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from fedtune.api.spec import (
@@ -18,6 +17,13 @@ from fedtune.api.spec import (
     FederatedFineTune,
     ObjectMeta,
     PartySpec,
+)
+from fedtune.controller.names import (
+    aggregator_name,
+    client_job_name,
+    key_secret_name,
+    metrics_service_name,
+    spec_config_map_name,
 )
 from fedtune.federation.run_config import KEYS_FILE, RESOURCE_FILE, resource_json
 from fedtune.federation.signing import AGGREGATOR, KEY_FILE, Trust, client_party
@@ -36,32 +42,6 @@ RUN_LABEL = f"{API_GROUP}/run"
 CLIENT_LABEL = f"{API_GROUP}/client"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-
-
-def child_name(run: str, suffix: str) -> str:
-    """`{run}-{suffix}`, shortened with a hash to fit the 63 characters a Job name may have."""
-    name = f"{run}-{suffix}"
-    if len(name) <= 63:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[:54]}-{digest}"
-
-
-def aggregator_name(run: str) -> str:
-    return child_name(run, "aggregator")
-
-
-def client_job_name(run: str, client: str) -> str:
-    return child_name(run, f"client-{client}")
-
-
-def spec_config_map_name(run: str) -> str:
-    return child_name(run, "spec")
-
-
-def key_secret_name(run: str, party: str) -> str:
-    """The Secret holding the signing key the operator generated for a party without its own."""
-    return child_name(run, "key-" + party.replace(" ", "-"))
 
 
 def run_id(res: FederatedFineTune) -> str:
@@ -271,13 +251,10 @@ def key_secret(res: FederatedFineTune, party: str, private_pem: str) -> Manifest
 
 
 def metrics_service(res: FederatedFineTune) -> Manifest:
-    # A Service name must start with a letter; a run name may start with a digit.
-    run = res.metadata.name
-    name = child_name(run if run[0].isalpha() else f"fft-{run}", "metrics")
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(res, name, "aggregator"),
+        "metadata": _meta(res, metrics_service_name(res.metadata.name), "aggregator"),
         "spec": {
             "selector": {RUN_LABEL: res.metadata.name, COMPONENT_LABEL: "aggregator"},
             "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}],

@@ -1,24 +1,29 @@
-"""kopf handlers: every trigger runs the same level-based reconcile, and a timer keeps status true.
+"""kopf handlers: every trigger runs the same level-based pass, and a timer keeps status true.
 
 Edge-triggered handlers (create, resume, spec update) only make the first reaction fast; the timer
 alone would converge too, which is what makes a restarted operator or a missed event harmless.
+The Kubernetes client and the runs' pinned keys live in kopf's memo, set in the startup handler, so
+tests call these handlers with a fake client.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from datetime import UTC, datetime
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 
 from fedtune import metrics
-from fedtune.api import API_GROUP, API_VERSION, PLURAL, SpecError, parse_resource
-from fedtune.controller import status as st
-from fedtune.controller.reconcile import Kube, forget, forget_trust, reconcile
+from fedtune.api import API_GROUP, API_VERSION, PLURAL, parse_resource
+from fedtune.controller.identities import PinnedKeys
+from fedtune.controller.kube import Kube, KubeClient
+from fedtune.controller.reconcile import erase_storage
+from fedtune.controller.step import resource_of, step
 
 log = logging.getLogger("fedtune.operator")
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
@@ -26,7 +31,7 @@ TICK_SECONDS = float(os.environ.get("FEDTUNE_RECONCILE_SECONDS", "3"))
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -42,81 +47,58 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.background.instant_exit_timeout = 1.0
     settings.background.cancellation_polling = 1.0
     settings.peering.lifetime = int(os.environ.get("FEDTUNE_PEERING_LIFETIME", "60"))
+    memo.kube = KubeClient()
+    memo.pinned_keys = PinnedKeys()
+    memo.passes = Passes()
     metrics.serve(int(os.environ.get("FEDTUNE_METRICS_PORT", "0")))
 
 
-_kube: Kube | None = None
+class Passes:
+    """One pass per run at a time. kopf runs a run's timer beside its create, resume and update handlers;
+    two passes at once would both post the missing children and could each write status from the same
+    stale start. A handler waits for a pass in flight; a tick skips, as the pass in flight does its work."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    @contextmanager
+    def of(self, uid: str, wait: bool) -> Iterator[bool]:
+        """Hold the run's lock for a pass; yields whether it was taken."""
+        with self._guard:
+            lock = self._locks.setdefault(uid, threading.Lock())
+        taken = lock.acquire(blocking=wait)
+        try:
+            yield taken
+        finally:
+            if taken:
+                lock.release()
+
+    def forget(self, uid: str) -> None:
+        with self._guard:
+            self._locks.pop(uid, None)
 
 
-def kube() -> Kube:
-    global _kube
-    if _kube is None:
-        _kube = Kube()
-    return _kube
-
-
-def _step(body: kopf.Body, patch: kopf.Patch) -> None:
-    """Reconcile once and write status in one merge patch, only if it changed."""
-    raw = _resource(body)
-    old = dict(body.get("status") or {})
-    meta = body["metadata"]
-    try:
-        res = parse_resource(raw, f"{meta['namespace']}/{meta['name']}")
-    except SpecError as e:
-        invalid = st.invalid_spec(old, e.problems, meta.get("generation"), datetime.now(UTC))
-        if _differs(old, invalid):
-            patch.status.update(invalid)
-        return
-    if old.get("state") in st.TERMINAL and _expired(res.spec.ttl_seconds_after_finished, old):
-        kube().custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"])
-        return
-    observed = reconcile(kube(), res, int(meta.get("generation") or 0), old)
-    new = st.compute(observed)
-    if _differs(old, new):
-        patch.status.update(new)
-    if new["state"] != old.get("state"):
-        reason, message = st.message_of(new)
-        event = kopf.warn if new["state"] == st.FAILED else kopf.info
-        event(body, reason=reason or new["state"], message=message or new["state"])
-    for state in (st.PENDING, st.RUNNING, st.SUCCEEDED, st.FAILED, st.SUSPENDED):
-        metrics.RUN_CONDITION.labels(meta["namespace"], meta["name"], state).set(1 if new["state"] == state else 0)
-    metrics.RUN_INFO.labels(
-        meta["namespace"], meta["name"], res.spec.aggregation.strategy, str(len(res.spec.clients))
-    ).set(1)
-
-
-def _resource(body: kopf.Body) -> dict[str, Any]:
-    return {
-        "apiVersion": body["apiVersion"],
-        "kind": body["kind"],
-        "metadata": dict(body["metadata"]),
-        "spec": dict(body["spec"]),
-    }
-
-
-def _expired(ttl: int | None, old: dict[str, Any]) -> bool:
-    done = old.get("completionTime")
-    if ttl is None or not done:
-        return False
-    return (datetime.now(UTC) - datetime.fromisoformat(done)).total_seconds() >= ttl
-
-
-def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    return any(old.get(k) != v for k, v in new.items())
+def _context(memo: kopf.Memo) -> tuple[Kube, PinnedKeys]:
+    """The client and the pinned keys the startup handler put in the memo (kopf gives each run a copy)."""
+    return memo.kube, memo.pinned_keys
 
 
 # kopf's default backoff after an unexpected error is 60 s; a failed step is simply retried on the next tick.
 @kopf.on.resume(*RESOURCE, backoff=TICK_SECONDS)
 @kopf.on.create(*RESOURCE, backoff=TICK_SECONDS)
 @kopf.on.update(*RESOURCE, field="spec", backoff=TICK_SECONDS)
-def react(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _step(body, patch)
+def react(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    with memo.passes.of(body["metadata"].get("uid", ""), wait=True):
+        step(body, patch, *_context(memo))
 
 
 @kopf.timer(*RESOURCE, interval=TICK_SECONDS, sharp=True, backoff=TICK_SECONDS)
-def tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+def tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     try:
-        _step(body, patch)
+        with memo.passes.of(body["metadata"].get("uid", ""), wait=False) as taken:
+            if taken:
+                step(body, patch, *_context(memo))
     except ApiException as e:
         if e.status == 404:
             return
@@ -128,18 +110,20 @@ def _discard_storage(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.on.delete(*RESOURCE, when=_discard_storage)
-def delete_storage(body: kopf.Body, **_: Any) -> None:
+def delete_storage(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Children go with the resource (ownerReferences); its storage only when the spec says so."""
-    res = parse_resource(_resource(body))
-    removed = forget(kube(), res)
+    kube = _context(memo)[0]
+    res = parse_resource(resource_of(body))
+    removed = erase_storage(kube, res)
     log.info("deleted %d objects of %s/%s from storage", removed, res.metadata.namespace, res.metadata.name)
 
 
 @kopf.on.delete(*RESOURCE, optional=True)
-def deleted(body: kopf.Body, **_: Any) -> None:
+def deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Drop what the operator kept about a run: its pinned keys and its metric series (a deleted failed run
     must not keep an alert firing)."""
+    pinned_keys = _context(memo)[1]
     meta = body["metadata"]
     metrics.forget_run(meta["namespace"], meta["name"])
-    with contextlib.suppress(SpecError):
-        forget_trust(parse_resource(_resource(body)))
+    pinned_keys.forget(meta.get("uid", ""))
+    memo.passes.forget(meta.get("uid", ""))

@@ -11,14 +11,25 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fedtune.api.spec import FederatedFineTune
+from fedtune.api.status import (
+    TERMINAL,
+    ClientStatus,
+    Condition,
+    ConditionType,
+    LastRound,
+    PartyStatus,
+    RunState,
+    RunStatus,
+)
 from fedtune.controller import builders
+from fedtune.controller.names import aggregator_name, client_job_name
 from fedtune.federation.protocol import FinalSummary, RoundSummary
 
 Obj = dict[str, Any]
 
-PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
-TERMINAL = (SUCCEEDED, FAILED)
-CONDITION_TYPES = ("Ready", RUNNING, SUCCEEDED, FAILED, SUSPENDED)
+PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = RunState
+# Conditions that say whether the run is in one state; Ready says whether its children could be created.
+STATE_CONDITIONS: tuple[ConditionType, ...] = ("Running", "Succeeded", "Failed", "Suspended")
 
 
 @dataclass
@@ -41,11 +52,11 @@ class Observed:
     progress: Progress = field(default_factory=Progress)
     blocked: tuple[str, str] | None = None  # (reason, message) that keeps pods from starting
     storage_error: str | None = None
-    old: Obj = field(default_factory=dict)
+    old: RunStatus = field(default_factory=RunStatus)
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-def _job_state(job: Obj | None, pods: list[Obj]) -> tuple[str, int]:
+def _job_state(job: Obj | None, pods: list[Obj]) -> tuple[RunState, int]:
     """(state, failed pod count) of one Job."""
     if job is None:
         return PENDING, 0
@@ -73,68 +84,87 @@ def _unschedulable(pods: list[Obj]) -> str | None:
     return None
 
 
-def _started(o: Observed) -> datetime | None:
-    raw = o.old.get("startTime")
-    return datetime.fromisoformat(raw) if raw else None
-
-
-def _failure(o: Observed, clients: dict[str, Obj], agg_state: str) -> tuple[str, str] | None:
+def _failure(o: Observed, clients: list[ClientStatus], agg_state: RunState) -> tuple[str, str] | None:
     spec = o.resource.spec
-    if o.old.get("state") == FAILED:
-        cond: Obj = next((c for c in o.old.get("conditions", []) if c.get("type") == FAILED), {})
-        return cond.get("reason", "Failed"), cond.get("message", "")
     if agg_state == FAILED:
         return "AggregatorFailed", f"the aggregator failed more than backoffLimit={spec.backoff_limit} times"
-    failed = sorted(n for n, c in clients.items() if c["state"] == FAILED)
+    failed = sorted(c.name for c in clients if c.state == FAILED)
     if failed and len(clients) - len(failed) < spec.aggregation.min_clients:
         return "ClientsFailed", (
             f"client {', '.join(failed)} failed past backoffLimit={spec.backoff_limit}; "
             f"fewer than minClients={spec.aggregation.min_clients} remain"
         )
-    started = _started(o)
+    started = o.old.start_time
     deadline = spec.active_deadline_seconds
     if deadline and started and (o.now - started).total_seconds() > deadline:
         return "DeadlineExceeded", f"the run exceeded activeDeadlineSeconds={deadline}"
     return None
 
 
-def _condition(o: Observed, type_: str, status: bool, reason: str, message: str) -> Obj:
-    old = next((c for c in o.old.get("conditions", []) if c.get("type") == type_), None)
+def _ended(old: RunStatus) -> tuple[str, str]:
+    """(reason, message) of a run that has succeeded or failed, as its condition says."""
+    cond = old.condition("Succeeded" if old.state == SUCCEEDED else "Failed")
+    return (cond.reason, cond.message) if cond else (str(old.state), "")
+
+
+def _condition(o: Observed, type_: ConditionType, status: bool, reason: str, message: str) -> Condition:
+    old = o.old.condition(type_)
     value = "True" if status else "False"
-    since = old["lastTransitionTime"] if old and old.get("status") == value else o.now.isoformat()
-    return {
-        "type": type_,
-        "status": value,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": since,
-        "observedGeneration": o.generation,
-    }
+    return Condition(
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=old.last_transition_time if old and old.status == value else o.now,
+        observed_generation=o.generation,
+    )
 
 
-def compute(o: Observed) -> Obj:
-    """The status a run should have now."""
+def _last_round(last: RoundSummary) -> LastRound:
+    return LastRound(
+        round=last.round,
+        participants=last.participants,
+        rejected=[r.client for r in last.rejected],
+        train_loss=last.train_loss,
+        eval_loss=last.eval_loss,
+        epsilon=last.epsilon,
+        client_epsilon=last.client_epsilon or None,
+        seconds=round(last.seconds, 3),
+        bytes=last.bytes,
+        failed=last.failed,
+        excluded=sorted(last.excluded) or None,
+    )
+
+
+def compute(o: Observed) -> RunStatus:
+    """The status a run should have now; fields storage did not answer for are left unset (kept as stored)."""
     res, spec = o.resource, o.resource.spec
     name = res.metadata.name
-    agg_job = builders.aggregator_name(name)
+    agg_job = aggregator_name(name)
     agg_state, agg_failures = _job_state(o.jobs.get(agg_job), _pods_of(o.pods, agg_job))
-    clients: dict[str, Obj] = {}
+    clients: list[ClientStatus] = []
     for c in spec.clients:
-        job = builders.client_job_name(name, c.name)
-        state, failures = _job_state(o.jobs.get(job), _pods_of(o.pods, job))
-        clients[c.name] = {"name": c.name, "state": state, "restarts": failures}
+        job = client_job_name(name, c.name)
+        job_state, failures = _job_state(o.jobs.get(job), _pods_of(o.pods, job))
+        clients.append(ClientStatus(name=c.name, state=job_state, restarts=failures))
 
     prog = o.progress
     total = spec.aggregation.rounds
     failed_rounds = prog.last.failed_total if prog.last else 0
-    completed = prog.final.rounds if prog.final else max((prog.committed or 0) - failed_rounds, 0)
-    if prog.final is not None and prog.final.failed:
-        failure: tuple[str, str] | None = ("RoundsFailed", prog.final.failed)
+    if o.storage_error:  # the rounds are unknown for now, not undone
+        completed = o.old.completed_rounds or 0
     else:
-        failure = None if prog.final else _failure(o, clients, agg_state)
+        completed = prog.final.rounds if prog.final else max((prog.committed or 0) - failed_rounds, 0)
     unschedulable = _unschedulable(o.pods)
 
-    if prog.final is not None and failure is None:
+    state: RunState
+    failure = None if prog.final else _failure(o, clients, agg_state)
+    if o.old.state is not None and o.old.state in TERMINAL:
+        # Succeeded and Failed are final: a storage outage or a deadline passing later does not reopen a run.
+        state, (reason, message) = o.old.state, _ended(o.old)
+    elif prog.final is not None and prog.final.failed:
+        state, reason, message = FAILED, "RoundsFailed", prog.final.failed
+    elif prog.final is not None:
         state, reason, message = SUCCEEDED, "RunSucceeded", f"{completed} rounds done; adapter at {prog.final.adapter}"
     elif failure is not None:
         state, (reason, message) = FAILED, failure
@@ -160,76 +190,62 @@ def compute(o: Observed) -> Obj:
         ready_reason, ready_msg = "Unschedulable", unschedulable
     ready = ready_reason == "ChildrenReady" and state in (RUNNING, PENDING)
 
-    status: Obj = {
-        "state": state,
-        "observedGeneration": o.generation,
-        "currentRound": min(completed, total - 1) if state != SUCCEEDED else total,
-        "completedRounds": completed,
-        "progress": f"{completed}/{total}",
-        "clientsReady": f"{sum(c['state'] == RUNNING for c in clients.values())}/{len(clients)}",
-        "gpus": builders.requested_gpus(res),
-        "clients": list(clients.values()),
-        "aggregator": {"state": agg_state, "restarts": agg_failures},
-        "runRoot": builders.run_root(res),
+    status = RunStatus(
+        state=state,
+        observed_generation=o.generation,
+        current_round=min(completed, total - 1) if state != SUCCEEDED else total,
+        completed_rounds=completed,
+        progress=f"{completed}/{total}",
+        clients_ready=f"{sum(c.state == RUNNING for c in clients)}/{len(clients)}",
+        gpus=builders.requested_gpus(res),
+        clients=clients,
+        aggregator=PartyStatus(state=agg_state, restarts=agg_failures),
+        run_root=builders.run_root(res),
         # The deadline clock stops while suspended and starts afresh on resume, as a Job's does.
-        "startTime": None if state == SUSPENDED else o.old.get("startTime") or o.now.isoformat(),
-        "conditions": [
+        start_time=None if state == SUSPENDED else o.old.start_time or o.now,
+        conditions=[
             _condition(o, "Ready", ready, ready_reason, ready_msg),
-            _condition(o, RUNNING, state == RUNNING, reason if state == RUNNING else "NotRunning", message),
-            _condition(o, SUCCEEDED, state == SUCCEEDED, reason if state == SUCCEEDED else "NotSucceeded", message),
-            _condition(o, FAILED, state == FAILED, reason if state == FAILED else "NotFailed", message),
-            _condition(o, SUSPENDED, state == SUSPENDED, reason if state == SUSPENDED else "NotSuspended", message),
+            *(_condition(o, t, state == t, reason if state == t else f"Not{t}", message) for t in STATE_CONDITIONS),
         ],
-    }
+    )
     if prog.last is not None:
-        status["lastRound"] = {
-            "round": prog.last.round,
-            "participants": prog.last.participants,
-            "rejected": [r.client for r in prog.last.rejected],
-            "trainLoss": prog.last.train_loss,
-            "evalLoss": prog.last.eval_loss,
-            "epsilon": prog.last.epsilon,
-            "clientEpsilon": prog.last.client_epsilon or None,
-            "seconds": round(prog.last.seconds, 3),
-            "bytes": prog.last.bytes,
-            "failed": prog.last.failed,
-            "excluded": sorted(prog.last.excluded) or None,
-        }
+        status.last_round = _last_round(prog.last)
     if prog.final is not None:
-        status["adapterURI"] = prog.final.adapter
-        status["adapterSHA256"] = prog.final.adapter_sha256
+        status.adapter_uri = prog.final.adapter
+        status.adapter_sha256 = prog.final.adapter_sha256
         if prog.final.stopped_early:
-            status["stoppedEarly"] = prog.final.stopped_early
-        status["finalEvalLoss"] = prog.final.eval_loss
+            status.stopped_early = prog.final.stopped_early
+        status.final_eval_loss = prog.final.eval_loss
     if state in TERMINAL:
-        status["completionTime"] = o.old.get("completionTime") or o.now.isoformat()
+        status.completion_time = o.old.completion_time or o.now
     return status
 
 
-def message_of(status: Obj) -> tuple[str, str]:
+def message_of(status: RunStatus) -> tuple[str, str]:
     """(reason, message) of the condition that explains the state, for events."""
-    for c in status["conditions"]:
-        if c["type"] == status["state"] or (status["state"] == PENDING and c["type"] == "Ready"):
-            return c["reason"], c["message"]
-    return status["state"], ""
+    for c in status.conditions or []:
+        if c.type == status.state or (status.state == PENDING and c.type == "Ready"):
+            return c.reason, c.message
+    return str(status.state), ""
 
 
-def invalid_spec(old: Obj, problems: list[str], generation: int | None, now: datetime) -> Obj:
+def invalid_spec(old: RunStatus, problems: list[str], generation: int, now: datetime) -> RunStatus:
     """The status of a resource that passed admission but fails the spec's checks; the transition time is
     kept while the problems stay the same, so the operator does not rewrite status on every tick."""
     message = "; ".join(problems)
-    before: Obj = next((c for c in old.get("conditions") or [] if c.get("type") == FAILED), {})
-    same = before.get("reason") == "InvalidSpec" and before.get("message") == message
-    return {
-        "state": FAILED,
-        "observedGeneration": generation,
-        "conditions": [
-            {
-                "type": FAILED,
-                "status": "True",
-                "reason": "InvalidSpec",
-                "message": message,
-                "lastTransitionTime": before["lastTransitionTime"] if same else now.isoformat(),
-            }
+    before = old.condition("Failed")
+    same = before is not None and (before.reason, before.message) == ("InvalidSpec", message)
+    return RunStatus(
+        state=FAILED,
+        observed_generation=generation,
+        conditions=[
+            Condition(
+                type="Failed",
+                status="True",
+                reason="InvalidSpec",
+                message=message,
+                last_transition_time=before.last_transition_time if before is not None and same else now,
+                observed_generation=generation,
+            )
         ],
-    }
+    )

@@ -10,24 +10,29 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtune import metrics
-from fedtune.aggregation import ClientUpdate, State, make_strategy
-from fedtune.aggregation.encoding import check_header, decode, load_state, save_state, size_bounds
-from fedtune.aggregation.validation import all_finite, update_norm, validate_update
+from fedtune.aggregation import ClientUpdate, State, Strategy, make_strategy
+from fedtune.aggregation.ahead import ahead, share_one_heap
+from fedtune.aggregation.encoding import load_state, save_state
+from fedtune.aggregation.fedavg import MeanStrategy
+from fedtune.aggregation.spool import Spool, SpooledDelta
+from fedtune.aggregation.validation import all_finite, update_norm
 from fedtune.api import FederatedFineTuneSpec
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
+from fedtune.federation import update_check
 from fedtune.federation.lease import Lease, LeaseLost
 from fedtune.federation.polling import poll
-from fedtune.federation.protocol import IntegrityError
+from fedtune.federation.private_strategy import PrivateStrategy
 from fedtune.federation.records import Ledger
 from fedtune.federation.signing import AGGREGATOR, SignatureError
+from fedtune.federation.update_check import Rejected, Rules
 from fedtune.privacy import ClientLevelDP
-from fedtune.storage import ObjectNotFound, ObjectTooLarge, StorageError
+from fedtune.storage import ObjectNotFound, StorageError
 from fedtune.training.model import adapter_state, build_model, load_adapter, trainable_keys
 from fedtune.training.tokenizer import build_tokenizer
 
@@ -37,8 +42,30 @@ log = logging.getLogger("fedtune.aggregator")
 DEFAULT_NORM_FACTOR = 100.0
 
 
-class Rejected(FedtuneError):
-    """An update that is the client's fault: recorded with this reason and never averaged in."""
+class Changed(FedtuneError):
+    """An accepted update whose object no longer holds the bytes that were checked."""
+
+    def __init__(self, client: str, reason: str) -> None:
+        super().__init__(reason)
+        self.client = client
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An update that passed every check: its marker, its L2 norm, and its bytes on local disk if spooled."""
+
+    marker: p.UpdateMarker
+    norm: float
+    spooled: SpooledDelta | None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Why an update is not accepted, or not yet: the error's type and message, not the error itself,
+    whose frames would keep the update's bytes alive."""
+
+    error: type[Exception]
+    message: str
 
 
 @dataclass
@@ -48,6 +75,9 @@ class Collected:
     accepted: dict[str, p.UpdateMarker] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     norms: dict[str, float] = field(default_factory=dict)
+    # For a strategy that needs all updates at once: each accepted update's checked bytes, on local disk.
+    spooled: dict[str, SpooledDelta] = field(default_factory=dict)
+    spool: Spool | None = None
     # Markers whose signature fails: unresolved until the deadline, since the owner may still replace them.
     unsigned: dict[str, str] = field(default_factory=dict)
     # Whether the round closed because its time ran out (not on its target of valid updates).
@@ -55,6 +85,13 @@ class Collected:
 
     def resolved(self) -> set[str]:
         return set(self.accepted) | set(self.rejected)
+
+    def close(self) -> None:
+        """Remove the spooled updates from local disk."""
+        self.spooled.clear()
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
 
 
 class Aggregator:
@@ -65,12 +102,13 @@ class Aggregator:
         self.spec = spec
         self.lease = Lease(ledger)
         self.labels = run
-        self.strategy = make_strategy(self.spec.aggregation)
+        share_one_heap()  # the pool's threads read updates into reused pages, as the main thread does
+        self.dp = self._privacy()
+        self.strategy = self._strategy()
         self.tokenizer = build_tokenizer(self.spec)
         self.model = build_model(self.spec, self.tokenizer)
         self.trainable = trainable_keys(self.model)
         self.rounds = self.spec.aggregation.rounds
-        self.dp = self._privacy()
         # Carried from round summary to round summary, so a restarted aggregator picks them up.
         self.taken_part: dict[str, int] = {}  # under DP: rounds each client has taken part in
         self.failed_streak = 0
@@ -85,6 +123,15 @@ class Aggregator:
         if not spec.privacy.enabled:
             return None
         return ClientLevelDP(spec.privacy)
+
+    def _strategy(self) -> Strategy:
+        """The spec's strategy; under DP, wrapped to step on the noised mean of the clipped updates."""
+        inner = make_strategy(self.spec.aggregation)
+        if self.dp is None:
+            return inner
+        if not isinstance(inner, MeanStrategy):  # the spec refuses this combination already
+            raise FedtuneError(f"spec.privacy.enabled: {inner.name} is not a mean-based strategy")
+        return PrivateStrategy(inner, self.dp)
 
     def _carry(self, r: int) -> None:
         """Take what round summaries carry forward from the record of the round that produced global r."""
@@ -187,6 +234,8 @@ class Aggregator:
         self.lease.check()
         if not self.ledger.commit_own(p.global_marker(r), marker, p.GlobalMarker):
             return self._lost_race(r)
+        if r == 0:  # the norm bound derives from it: no need to read it back
+            self._initial_norm = update_norm({k: state[k] for k in self.trainable})
         log.info("round %d: global committed (%s)", r, "final" if final else f"selected {', '.join(selected)}")
         return marker
 
@@ -211,42 +260,30 @@ class Aggregator:
 
     # --- collecting -------------------------------------------------------------------------------
 
-    def _read_update(self, gm: p.GlobalMarker, client: str, marker: p.UpdateMarker, reference: State) -> State:
-        """The decoded update; Rejected with the reason it is the client's fault, StorageError if it is not.
+    def _rules(self, reference: State) -> Rules:
+        """What this round's updates must be; under DP clipping bounds every update, so no norm bound."""
+        private = self.dp is not None
+        encoding = str(self.spec.aggregation.encoding)
+        return Rules(reference, encoding, None if private else self.norm_bound(), reveal=not private)
 
-        Cheap checks come first: lineage and the weight from the marker, the object's size from a HEAD,
-        then its header, and only then its tensors.
+    def _check(self, gm: p.GlobalMarker, client: str, rules: Rules, spool: Spool | None) -> Accepted | None:
+        """The client's update, checked; None if it has none yet. Rejected with the reason it is the
+        client's fault, StorageError if it is not.
+
+        Cheap checks come first: lineage and the weight from the marker, then the object's (see
+        `update_check`).
         """
+        marker = self.ledger.update_marker(gm.round, client)
+        if marker is None:
+            return None
         if marker.global_sha256 != gm.sha256:
             raise Rejected(f"trained on global {marker.global_sha256[:12]}…, not round {gm.round}'s {gm.sha256[:12]}…")
         cap = self.spec.client(client).data.max_examples
         if not 1 <= marker.examples <= cap:
             raise Rejected(f"examples {marker.examples} outside 1..{cap} (spec.clients[].data.maxExamples)")
-        encoding = str(self.spec.aggregation.encoding)
-        low, high = size_bounds(reference, encoding)
         key = p.update_data(gm.round, client, marker.sha256)
-        try:
-            size = self.store.size(key)
-        except ObjectNotFound:
-            raise Rejected(f"{key}: named by its marker, not in storage") from None
-        if not low <= size <= high:
-            raise Rejected(f"{size} bytes, an update of this adapter in {encoding} has {low}..{high}")
-        try:
-            data = self.ledger.update_bytes(gm.round, client, marker, high)
-        except (IntegrityError, ObjectNotFound, ObjectTooLarge) as e:  # it may have changed since the HEAD
-            raise Rejected(str(e)) from None
-        reason = check_header(data, reference, encoding)
-        if reason:
-            raise Rejected(reason)
-        try:
-            delta = decode(data)
-        except Exception as e:  # any undecodable payload is the client's fault, never the aggregator's
-            raise Rejected(f"undecodable update: {e}") from None
-        bound = None if self.dp is not None else self.norm_bound()  # under DP, clipping bounds every update
-        reason = validate_update(delta, reference, bound, reveal=self.dp is None)
-        if reason:
-            raise Rejected(reason)
-        return delta
+        checked = update_check.check(self.store, key, marker.sha256, rules, spool, client)
+        return Accepted(marker, checked.norm, checked.spooled)
 
     def norm_bound(self) -> float:
         """maxUpdateNorm, or a bound derived from the round-0 global: no finite update may overflow the
@@ -277,32 +314,51 @@ class Aggregator:
                 seen.rejected[client] = rec.reason
 
     def _check_new(self, gm: p.GlobalMarker, reference: State, seen: Collected) -> None:
-        for client in gm.selected:
-            if client in seen.resolved():
-                continue
+        """Check the updates of the clients not yet resolved, a few ahead at a time, and record each
+        outcome in client order. A strategy that needs all updates at once gets each accepted update's
+        checked bytes spooled to local disk, so that nothing needs reading from storage again."""
+        pending = [c for c in gm.selected if c not in seen.resolved()]
+        if not pending:
+            return
+        rules = self._rules(reference)
+        if not self.strategy.single_pass and seen.spool is None:
+            seen.spool = Spool()
+        spool = seen.spool
+
+        def attempt(client: str) -> Accepted | Failed | None:
             try:
-                marker = self.ledger.update_marker(gm.round, client)
-                if marker is None:
-                    continue
-                delta = self._read_update(gm, client, marker, reference)
-            except SignatureError as e:
+                return self._check(gm, client, rules, spool)
+            except Exception as e:  # one client's failure is that client's outcome, recorded in order below
+                return Failed(type(e), str(e))
+
+        for client, outcome in zip(pending, ahead(pending, attempt), strict=True):
+            self._record(gm, client, outcome, seen)
+
+    def _record(self, gm: p.GlobalMarker, client: str, outcome: Accepted | Failed | None, seen: Collected) -> None:
+        """Note one client's outcome; a rejection is signed and stored at once."""
+        match outcome:
+            case None:
+                pass
+            case Failed(error=e) if issubclass(e, ObjectNotFound):
+                pass
+            case Failed(error=e) if issubclass(e, SignatureError):
                 if client not in seen.unsigned:
-                    log.warning("round %d: update of %s does not verify (yet): %s", gm.round, client, e)
-                seen.unsigned[client] = str(e)
-                continue
-            except ObjectNotFound:
-                continue
-            except StorageError as e:  # the aggregator's side: retried on the next poll, never the client's fault
-                log.warning("round %d: storage error reading the update of %s (retrying): %s", gm.round, client, e)
-                continue
-            except FedtuneError as e:  # Rejected, or a marker that is not a valid record
-                self._reject(gm, client, str(e), seen)
-                continue
-            except Exception as e:  # whatever else one client's objects provoke is that client's, not a crash
-                self._reject(gm, client, f"unreadable update ({type(e).__name__}: {str(e)[:200]})", seen)
-                continue
-            seen.accepted[client] = marker
-            seen.norms[client] = update_norm(delta)
+                    log.warning("round %d: update of %s does not verify (yet): %s", gm.round, client, outcome.message)
+                seen.unsigned[client] = outcome.message
+            case Failed(error=e) if issubclass(e, StorageError):
+                # The aggregator's side: retried on the next poll, never the client's fault.
+                log.warning(
+                    "round %d: storage error reading the update of %s (retrying): %s", gm.round, client, outcome.message
+                )
+            case Failed(error=e) if issubclass(e, FedtuneError):  # Rejected, or a marker that is not a valid record
+                self._reject(gm, client, outcome.message, seen)
+            case Failed(error=e):  # whatever else one client's objects provoke is that client's, not a crash
+                self._reject(gm, client, f"unreadable update ({e.__name__}: {outcome.message[:200]})", seen)
+            case Accepted():
+                seen.accepted[client] = outcome.marker
+                seen.norms[client] = outcome.norm
+                if outcome.spooled is not None:
+                    seen.spooled[client] = outcome.spooled
 
     def collect(self, gm: p.GlobalMarker, reference: State) -> Collected:
         """Wait until clientsPerRound updates are accepted, every selected client is resolved, or the round's
@@ -335,22 +391,58 @@ class Aggregator:
                 return True
             return None
 
-        poll(done, what=f"updates of round {gm.round}")
-        for client, why in seen.unsigned.items():
-            if client not in seen.resolved():
-                self._reject(gm, client, why, seen)
+        try:
+            poll(done, what=f"updates of round {gm.round}")
+            for client, why in seen.unsigned.items():
+                if client not in seen.resolved():
+                    self._reject(gm, client, why, seen)
+        except BaseException:
+            seen.close()
+            raise
         return seen
 
-    def _stream(self, gm: p.GlobalMarker, seen: Collected, reference: State) -> Iterator[ClientUpdate]:
-        """Accepted updates, loaded one at a time so memory stays flat in the number of clients."""
-        for client, marker in sorted(seen.accepted.items()):
+    def _weight(self, client: str, marker: p.UpdateMarker) -> float:
+        return self.spec.client(client).weight or float(marker.examples)
+
+    def _updates(self, gm: p.GlobalMarker, seen: Collected, rules: Rules) -> Iterable[ClientUpdate]:
+        """The accepted updates in client order: lazily from the spool for a strategy that needs them all
+        at once; read again from storage a few ahead of a single-pass one, as it adds the current one."""
+        clients = sorted(seen.accepted)
+        if not self.strategy.single_pass:
+            return [ClientUpdate(c, self._weight(c, seen.accepted[c]), seen.spooled[c], seen.norms[c]) for c in clients]
+
+        def reread(client: str) -> ClientUpdate:
+            marker = seen.accepted[client]
+            key = p.update_data(gm.round, client, marker.sha256)
             try:
-                delta = self._read_update(gm, client, marker, reference)
-            except Rejected as e:  # the object changed since it was accepted
-                self._reject(gm, client, str(e), seen)
+                delta = update_check.load(self.store, key, marker.sha256, rules)
+            except Rejected as e:
+                raise Changed(client, f"changed after it was accepted: {e}") from None
+            return ClientUpdate(client, self._weight(client, marker), delta, seen.norms[client])
+
+        return ahead(clients, reread)
+
+    def _aggregate(
+        self, gm: p.GlobalMarker, state: State, server: State, seen: Collected, rules: Rules
+    ) -> tuple[State, State] | str:
+        """The next global and server state from the accepted updates, or why the round failed.
+
+        Every rejection is decided and recorded before the strategy starts, and it sees accepted updates
+        only. Should an accepted update's object change before it is read again, that update is rejected
+        and the aggregate computed afresh without it.
+        """
+        need = self.spec.aggregation.min_clients
+        while len(seen.accepted) >= need:
+            try:
+                new_state, new_server = self.strategy.aggregate(state, self._updates(gm, seen, rules), server)
+            except Changed as e:
+                self._reject(gm, e.client, str(e), seen)
+                del seen.accepted[e.client]
                 continue
-            weight = self.spec.client(client).weight or float(marker.examples)
-            yield ClientUpdate(client, weight, delta)
+            if not (all_finite(new_state) and all_finite(new_server)):
+                return "the aggregate is not finite"
+            return new_state, new_server
+        return f"{len(seen.accepted)} valid updates, fewer than minClients={need}"
 
     # --- one round --------------------------------------------------------------------------------
 
@@ -365,26 +457,19 @@ class Aggregator:
         # With over-selection, the first clientsPerRound valid updates win; later ones are left out.
         winners = list(seen.accepted)[: self.spec.clients_per_round]
         seen.accepted = {c: seen.accepted[c] for c in winners}
-        need = self.spec.aggregation.min_clients
+        try:
+            outcome = self._aggregate(gm, state, server, seen, self._rules(reference))
+        finally:
+            seen.close()
         failed: str | None = None
-        if len(seen.accepted) >= need:
-            updates: Iterator[ClientUpdate] = self._stream(gm, seen, reference)
-            if self.dp is not None:
-                clipped = ((u.delta, seen.norms[u.client]) for u in updates)
-                mean, server_next = self.dp.private_mean(clipped, server)
-                updates = iter([ClientUpdate("dp-mean", 1.0, mean)])
-                new_state, new_server = self.strategy.aggregate(state, updates, server_next)
-            else:
-                new_state, new_server = self.strategy.aggregate(state, updates, server)
-            if not (all_finite(new_state) and all_finite(new_server)):
-                failed = "the aggregate is not finite"
-        else:
-            failed = f"{len(seen.accepted)} valid updates, fewer than minClients={need}"
-        if failed is not None:
+        if isinstance(outcome, str):
+            failed = outcome
             log.warning("round %d failed, global kept: %s", r, failed)
             new_state, new_server = state, server
+        else:
+            new_state, new_server = outcome
         accepted = seen.accepted
-        participants = [] if failed else sorted(c for c in accepted if c not in seen.rejected)
+        participants = [] if failed else sorted(accepted)
         for client in sorted(set(gm.selected) - answered):
             self.excluded[client] = self.ledger.ready_nonce(client)
             log.warning("round %d: %s did not answer; left out of sampling until it restarts", r, client)

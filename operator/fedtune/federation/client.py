@@ -16,7 +16,7 @@ from typing import Any
 from fedtune import metrics
 from fedtune.aggregation.encoding import encode, load_state
 from fedtune.api import FederatedFineTuneSpec
-from fedtune.api.spec import Strategy
+from fedtune.api.spec import StrategyName
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
 from fedtune.federation.polling import poll
@@ -103,7 +103,7 @@ class Client:
             t.learning_rate,
             t.weight_decay,
             t.max_grad_norm,
-            proximal_mu=agg.proximal_mu if agg.strategy == Strategy.FEDPROX else 0.0,
+            proximal_mu=agg.proximal_mu if agg.strategy == StrategyName.FEDPROX else 0.0,
         )
         local = adapter_state(self.model)
         delta = {k: local[k].float() - state[k].float() for k in self.trainable}
@@ -153,7 +153,7 @@ class Client:
         self.store.put(p.ready(self.name), self.ledger.signed(p.ready(self.name), ready))
         seen = -1
         while True:
-            latest = poll(partial(_newer, self.ledger, seen), what="the next global")
+            latest = poll(partial(_newer, self.ledger, seen), what=f"the global of round {seen + 1} or later")
             gm = self.ledger.global_marker(latest)
             assert gm is not None
             seen = latest
@@ -175,5 +175,8 @@ class Client:
 
 
 def _newer(ledger: Ledger, seen: int) -> int | None:
+    """The latest verified global after round `seen`, or None: while there is none, one existence check."""
+    if seen >= 0 and not ledger.store.exists(p.global_marker(seen + 1)):
+        return None
     latest = ledger.latest_global(hint=seen)
     return latest if latest is not None and latest > seen else None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -48,7 +48,7 @@ def secure_gaussian(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     return z.to(torch.float32).reshape(shape)
 
 
-def clip(delta: State, norm: float, clip_norm: float) -> State:
+def clip(delta: Mapping[str, torch.Tensor], norm: float, clip_norm: float) -> Mapping[str, torch.Tensor]:
     """The update scaled to L2 norm at most clip_norm (unchanged if already within)."""
     if norm <= clip_norm:
         return delta
@@ -96,7 +96,9 @@ class ClientLevelDP:
         return self.spec.clip_norm
 
     @single_threaded()
-    def private_mean(self, updates: Iterable[tuple[State, float]], server_state: State) -> tuple[State, State]:
+    def private_mean(
+        self, updates: Iterable[tuple[Mapping[str, torch.Tensor], float]], server_state: State
+    ) -> tuple[State, State]:
         """The noised mean of the clipped updates of one round, and the server state for the next round.
 
         `updates` yields (delta, its L2 norm) and is consumed once, one update at a time.

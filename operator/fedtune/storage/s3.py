@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -43,6 +45,44 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, BotoCoreError) and not isinstance(exc, NoCredentialsError)
 
 
+_session_lock = threading.Lock()
+
+
+def _new_client(endpoint: str | None, region: str, credentials: tuple[str, str] | None) -> Any:
+    """The S3 client for an endpoint and credentials, shared by every store that uses them."""
+    if credentials is None and os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        # Read now, not from a session's credential chain, which caches what it first found.
+        credentials = (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
+    return _shared_client(endpoint, region, credentials)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_client(endpoint: str | None, region: str, credentials: tuple[str, str] | None) -> Any:
+    """One client per endpoint, region and credentials, from the process's one session: service models
+    load once, and the operator's many runs on one bucket share a client and its connection pool (clients
+    are thread-safe; sessions are not, hence the lock)."""
+    key_id, secret = credentials or (None, None)
+    with _session_lock:
+        return _session().client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            config=Config(
+                retries={"mode": "standard", "max_attempts": 2},
+                connect_timeout=5,
+                read_timeout=60,
+                s3={"addressing_style": "path"},
+            ),
+        )
+
+
+@functools.cache
+def _session() -> boto3.session.Session:
+    return boto3.session.Session()
+
+
 class S3Store(ObjectStore):
     """Transient failures (a restarting server, a dropped connection) are retried until a deadline."""
 
@@ -64,19 +104,7 @@ class S3Store(ObjectStore):
             retry_seconds = float(os.environ.get("FEDTUNE_STORAGE_RETRY_SECONDS", "120"))
         self.retry_seconds = retry_seconds
         self._warned = False
-        key_id, secret = credentials or (None, None)
-        session = boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret)
-        self._client = client or session.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=self.region,
-            config=Config(
-                retries={"mode": "standard", "max_attempts": 2},
-                connect_timeout=5,
-                read_timeout=60,
-                s3={"addressing_style": "path"},
-            ),
-        )
+        self._client = client or _new_client(self.endpoint, self.region, credentials)
 
     def _k(self, key: str) -> str:
         return join(self.prefix, key)

@@ -1,0 +1,54 @@
+"""What keeps a run's pods from being created: an image the operator may not run, Secrets that are missing,
+belong to another run or lack keys, a public key that does not match its private half."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+
+from fedtune.api.spec import CREDENTIALS_LABEL, FederatedFineTune
+from fedtune.controller.kube import Credentials
+from fedtune.federation.signing import KEY_FILE, InvalidKey, check_pair, parse_private
+
+STORAGE_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def allowed_images() -> list[str]:
+    """Image patterns the chart allows (values.allowedImages); empty allows any."""
+    return os.environ.get("FEDTUNE_ALLOWED_IMAGES", "").replace(",", " ").split()
+
+
+def admission(res: FederatedFineTune, secrets: dict[str, Credentials]) -> tuple[str, str] | None:
+    """What keeps this run's pods from being created, as (reason, message naming the field), or None."""
+    spec, ns = res.spec, res.metadata.namespace
+    allowed = allowed_images()
+    if allowed and not any(fnmatch.fnmatchcase(spec.image, pat) for pat in allowed):
+        return (
+            "ImageNotAllowed",
+            f"spec.image: {spec.image} is not among the operator's allowedImages ({', '.join(allowed)})",
+        )
+    for path, name in spec.secret_refs():
+        found = secrets.get(name)
+        if found is None:
+            return "SecretNotFound", (
+                f"{path}: Secret {ns}/{name} not found, or not labelled {CREDENTIALS_LABEL} (the operator reads "
+                f"only labelled Secrets: kubectl label secret {name} {CREDENTIALS_LABEL}=true)"
+            )
+        if found.runs and res.metadata.uid not in found.runs:
+            return "SecretNotAllowed", f"{path}: Secret {ns}/{name} belongs to another run (its generated key)"
+        need = (KEY_FILE,) if path.endswith("signingKeySecretRef") else STORAGE_KEYS
+        if not set(need) <= set(found.data):
+            return "SecretInvalid", f"{path}: Secret {ns}/{name} needs keys {' and '.join(need)}"
+    for path, party in spec.parties():
+        if party.public_key and party.signing_key_secret_ref:
+            pem = secrets[party.signing_key_secret_ref].data[KEY_FILE]
+            try:
+                check_pair(
+                    parse_private(pem, f"{path}.signingKeySecretRef"),
+                    party.public_key,
+                    f"{path}.publicKey",
+                    f"Secret {ns}/{party.signing_key_secret_ref}",
+                )
+            except InvalidKey as e:
+                return "KeyMismatch", str(e)
+    return None
