@@ -240,12 +240,21 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
         return
     from moto import mock_aws
 
+    from fedtune.storage import s3
+
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(key, "test")
+    # Stores share one session and one client per endpoint and credentials: made before the mock, they would
+    # go out to the network (moto hooks sessions made after it is imported); made under it, they must not
+    # outlive it.
+    s3._session.cache_clear()
+    s3._shared_client.cache_clear()
     with mock_aws():
-        s3 = open_store("s3://bucket/data")
-        s3._client.create_bucket(Bucket="bucket")  # type: ignore[attr-defined]
-        yield s3
+        store = open_store("s3://bucket/data")
+        store._client.create_bucket(Bucket="bucket")  # type: ignore[attr-defined]
+        yield store
+    s3._session.cache_clear()
+    s3._shared_client.cache_clear()
 
 
 def test_lines_stream_across_chunks(store: ObjectStore) -> None:

@@ -93,6 +93,18 @@ def test_an_invalid_spec_is_reported_and_nothing_is_created() -> None:
     assert m.kube.events == [("Warning", "InvalidSpec", failed["message"])]
 
 
+def test_a_run_failed_only_by_its_spec_resumes_once_fixed_and_a_finished_run_ignores_a_broken_edit() -> None:
+    m = memo()
+    broken = body(aggregation={"minClients": 5})
+    fixed = after(body(), react_once(broken, m))
+    written = react_once(fixed, m)
+    assert written["state"] == "Pending" and m.kube.created and m.kube.deleted == []
+
+    done = {"type": "Succeeded", "status": "True", "reason": "RunSucceeded", "message": "3 rounds done"}
+    succeeded = {"state": "Succeeded", "conditions": [{**done, "lastTransitionTime": "2025-01-01T12:00:00Z"}]}
+    assert react_once(body(succeeded, aggregation={"minClients": 5}), memo()) == {}
+
+
 def test_a_finished_run_is_deleted_once_its_ttl_has_passed() -> None:
     done = (datetime.now(UTC) - timedelta(seconds=120)).isoformat()
     m = memo()

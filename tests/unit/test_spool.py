@@ -11,6 +11,7 @@ import torch
 from fedtune.aggregation.encoding import ENCODINGS, decode, encode, read_layout
 from fedtune.aggregation.spool import Spool
 from fedtune.errors import FedtuneError
+from fedtune.storage import StorageError
 
 
 def state(seed: int) -> dict[str, torch.Tensor]:
@@ -59,5 +60,25 @@ def test_a_name_that_is_not_a_file_name_is_refused(name: str) -> None:
     try:
         with pytest.raises(FedtuneError, match="not a file name"):
             spool.put(name, data, read_layout(data, ref, "fp32"))
+    finally:
+        spool.close()
+
+
+def test_a_failing_local_disk_is_a_storage_error_and_leaves_no_partial_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = state(3)
+    data = encode(ref)
+    spool = Spool()
+
+    def full(_fd: int, _data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr("fedtune.aggregation.spool.os.write", full)
+            with pytest.raises(StorageError, match="No space left"):
+                spool.put("alpha", data, read_layout(data, ref, "fp32"))
+        assert list(Path(spool._dir.name).iterdir()) == []
+        delta = spool.put("alpha", data, read_layout(data, ref, "fp32"))  # retried once the disk has room
+        assert torch.equal(delta["l0.lora_A"], ref["l0.lora_A"])
     finally:
         spool.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import TypeVar
@@ -41,7 +41,9 @@ def share_one_heap() -> None:
         ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 1)
 
 
-def ahead(items: Iterable[T], fn: Callable[[T], R], depth: int = WORKERS, workers: int = WORKERS) -> Iterator[R]:
+def ahead(
+    items: Iterable[T], fn: Callable[[T], R], depth: int = WORKERS, workers: int = WORKERS
+) -> Generator[R, None, None]:
     """fn(item) for each item, in order, computed on `workers` threads up to `depth` items ahead.
 
     An exception fn raises is raised here, at its item's place. Closing the iterator early cancels the

@@ -18,6 +18,7 @@ import torch
 
 from fedtune.aggregation.encoding import Entry, Layout, decode_entry
 from fedtune.errors import FedtuneError
+from fedtune.storage import StorageError
 
 
 class SpooledDelta(Mapping[str, torch.Tensor]):
@@ -62,11 +63,18 @@ class Spool:
         if name in ("", ".", "..") or Path(name).name != name:
             raise FedtuneError(f"spool: {name!r} is not a file name")
         path = Path(self._dir.name) / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # A full or failing local disk is the aggregator's trouble, retried, never the client's rejection.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise StorageError(f"spool: cannot create {name}: {e}") from e
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+        except OSError as e:
+            path.unlink(missing_ok=True)
+            raise StorageError(f"spool: cannot write {name}: {e}") from e
         finally:
             os.close(fd)
         return SpooledDelta(path, layout)

@@ -18,7 +18,7 @@ from fedtune.controller.admission import STORAGE_KEYS, admission
 from fedtune.controller.identities import KeyConflict, PinnedKeys, identities
 from fedtune.controller.kube import Kube, Obj
 from fedtune.controller.names import aggregator_name, client_job_name
-from fedtune.controller.status import Observed, Progress
+from fedtune.controller.status import Observed, Progress, settled
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
 from fedtune.federation.records import Ledger
@@ -80,7 +80,7 @@ def job_names(res: FederatedFineTune) -> list[str]:
 def children_plan(res: FederatedFineTune, old: RunStatus, progress: Progress) -> Literal["ensure", "remove", "keep"]:
     """What becomes of the run's Jobs: made to exist while it runs, removed while it is suspended or once it
     has failed, kept once it has a result (they finish by themselves, and their logs stay readable)."""
-    if res.spec.suspend or (old.state == RunState.FAILED and progress.final is None):
+    if res.spec.suspend or (settled(old) and old.state == RunState.FAILED and progress.final is None):
         return "remove"
     if progress.final is not None or old.state == RunState.SUCCEEDED:
         return "keep"

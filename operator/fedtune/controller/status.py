@@ -107,6 +107,12 @@ def _ended(old: RunStatus) -> tuple[str, str]:
     return (cond.reason, cond.message) if cond else (str(old.state), "")
 
 
+def settled(old: RunStatus) -> bool:
+    """Whether the run has ended for good: Succeeded, or Failed for a reason other than its spec (a fixed
+    spec resumes a run that failed only its checks)."""
+    return old.state in TERMINAL and not (old.state == FAILED and _ended(old)[0] == "InvalidSpec")
+
+
 def _condition(o: Observed, type_: ConditionType, status: bool, reason: str, message: str) -> Condition:
     old = o.old.condition(type_)
     value = "True" if status else "False"
@@ -159,7 +165,7 @@ def compute(o: Observed) -> RunStatus:
 
     state: RunState
     failure = None if prog.final else _failure(o, clients, agg_state)
-    if o.old.state is not None and o.old.state in TERMINAL:
+    if o.old.state is not None and settled(o.old):
         # Succeeded and Failed are final: a storage outage or a deadline passing later does not reopen a run.
         state, (reason, message) = o.old.state, _ended(o.old)
     elif prog.final is not None and prog.final.failed:

@@ -21,7 +21,7 @@ from fedtune.api.status import TERMINAL, RunState, RunStatus, merged
 from fedtune.controller.identities import PinnedKeys
 from fedtune.controller.kube import Kube, Obj
 from fedtune.controller.reconcile import reconcile
-from fedtune.controller.status import compute, invalid_spec, message_of
+from fedtune.controller.status import compute, invalid_spec, message_of, settled
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def decide(resource: Obj, old: RunStatus, now: datetime) -> Plan:
 def act(plan: Plan, kube: Kube, keys: PinnedKeys, generation: int, old: RunStatus, now: datetime) -> RunStatus | None:
     """Carry the plan out; the status the run should have now, or None when it is being deleted."""
     if isinstance(plan, Invalid):
-        return invalid_spec(old, plan.problems, generation, now)
+        # A run that ended keeps its result; an edit that breaks its spec changes nothing it did.
+        return old if settled(old) else invalid_spec(old, plan.problems, generation, now)
     if isinstance(plan, Expire):
         kube.delete_run(plan.res.metadata.namespace, plan.res.metadata.name)
         return None

@@ -6,6 +6,7 @@ never redoes or rewrites a committed round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
@@ -331,8 +332,10 @@ class Aggregator:
             except Exception as e:  # one client's failure is that client's outcome, recorded in order below
                 return Failed(type(e), str(e))
 
-        for client, outcome in zip(pending, ahead(pending, attempt), strict=True):
-            self._record(gm, client, outcome, seen)
+        # closing: should recording fail, the pool is stopped before the round's spool can be removed
+        with contextlib.closing(ahead(pending, attempt)) as outcomes:
+            for client, outcome in zip(pending, outcomes, strict=True):
+                self._record(gm, client, outcome, seen)
 
     def _record(self, gm: p.GlobalMarker, client: str, outcome: Accepted | Failed | None, seen: Collected) -> None:
         """Note one client's outcome; a rejection is signed and stored at once."""

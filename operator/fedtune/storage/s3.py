@@ -50,14 +50,16 @@ _session_lock = threading.Lock()
 
 def _new_client(endpoint: str | None, region: str, credentials: tuple[str, str] | None) -> Any:
     """The S3 client for an endpoint and credentials, shared by every store that uses them."""
+    token = None
     if credentials is None and os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
         # Read now, not from a session's credential chain, which caches what it first found.
         credentials = (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
-    return _shared_client(endpoint, region, credentials)
+        token = os.environ.get("AWS_SESSION_TOKEN") or None  # temporary (STS) credentials need theirs
+    return _shared_client(endpoint, region, credentials, token)
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_client(endpoint: str | None, region: str, credentials: tuple[str, str] | None) -> Any:
+def _shared_client(endpoint: str | None, region: str, credentials: tuple[str, str] | None, token: str | None) -> Any:
     """One client per endpoint, region and credentials, from the process's one session: service models
     load once, and the operator's many runs on one bucket share a client and its connection pool (clients
     are thread-safe; sessions are not, hence the lock)."""
@@ -69,6 +71,7 @@ def _shared_client(endpoint: str | None, region: str, credentials: tuple[str, st
             region_name=region,
             aws_access_key_id=key_id,
             aws_secret_access_key=secret,
+            aws_session_token=token,
             config=Config(
                 retries={"mode": "standard", "max_attempts": 2},
                 connect_timeout=5,
