@@ -29,6 +29,19 @@ def client(**fields: Any) -> list[dict[str, Any]]:
 # (model, the rule's field, a spec that breaks only that rule, the field path the error names)
 BROKEN: list[tuple[str, str, dict[str, Any], str]] = [
     ("ModelSpec", "", {"model": {"name": "m", "config": {"a": 1}}}, "spec.model"),
+    ("ModelSpec", "", {"model": {"uri": "s3://b/models/m/", "path": "m"}}, "spec.model"),
+    ("ModelSpec", "volume", {"model": {"name": "m", "volume": {"emptyDir": {}}}}, "spec.model.volume"),
+    ("ModelSpec", "tokenSecretRef", {"model": {"path": "m", "tokenSecretRef": "hf"}}, "spec.model.tokenSecretRef"),
+    ("ModelSpec", "revision", {"model": {"uri": "s3://b/m/", "revision": "main"}}, "spec.model.revision"),
+    ("ModelSpec", "sha256", {"model": {"name": "m", "sha256": "0" * 64}}, "spec.model.sha256"),
+    ("ModelSpec", "cache", {"model": {"path": "m", "cache": {"emptyDir": {}}}}, "spec.model.cache"),
+    ("ModelSpec", "uri", {"model": {"uri": "gs://b/models/m/"}}, "spec.model.uri"),
+    (
+        "PeftSpec",
+        "feedforwardModules",
+        {"peft": {"method": "lora", "feedforwardModules": ["q_proj"]}},
+        "spec.peft.feedforwardModules",
+    ),
     ("TokenizerSpec", "", {"tokenizer": {"name": "t", "builtin": "bytes"}}, "spec.tokenizer"),
     ("PartySpec", "publicKey", {"aggregator": {"publicKey": KEY}}, "spec.aggregator.publicKey"),
     ("DataSpec", "uri", {"clients": client(data={"uri": "gs://b/a.jsonl"})}, "spec.clients[0].data.uri"),
@@ -90,6 +103,24 @@ BROKEN: list[tuple[str, str, dict[str, Any], str]] = [
         "aggregation.minClients",
         {"aggregation": {"clientsPerRound": 1, "minClients": 2}},
         "spec.aggregation.minClients",
+    ),
+    (
+        "FederatedFineTuneSpec",
+        "training.keepOptimizerState",
+        {"privacy": {"enabled": True}, "training": {"keepOptimizerState": True}},
+        "spec.training.keepOptimizerState",
+    ),
+    (
+        "FederatedFineTuneSpec",
+        "training.packing",
+        {"training": {"packing": True}, "clients": client(data={"uri": "a.jsonl", "format": "chat"})},
+        "spec.training.packing",
+    ),
+    (
+        "FederatedFineTuneSpec",
+        "model.quantization",
+        {"model": {"name": "m", "quantization": "nf4"}, "peft": {"method": "ia3"}},
+        "spec.model.quantization",
     ),
 ]
 

@@ -70,12 +70,53 @@ def scheme_rule(field: str, uri: Callable[[Any], str | None], required: bool = T
 
 
 class ModelSpec(SpecModel):
-    """The base causal language model every client adapts."""
+    """The base causal language model every client adapts, and where its weights come from.
+
+    Exactly one source: a Hugging Face id (`name`), an object-store prefix (`uri`), a folder (`path`, on
+    `volume` in a cluster) or a config to build random weights from (`config`, for tests and benchmarks).
+    """
 
     name: str | None = Field(
         None,
         max_length=512,
-        description="Pretrained model: a Hugging Face name or a local path, loaded with from_pretrained.",
+        description="Pretrained model on the Hugging Face hub (e.g. meta-llama/Llama-3.2-1B), loaded with "
+        "from_pretrained; a gated model needs tokenSecretRef.",
+    )
+    revision: str | None = Field(None, max_length=128, description="Revision (branch, tag or commit) of name.")
+    token_secret_ref: str | None = Field(
+        None,
+        max_length=253,
+        description="Secret with key HF_TOKEN, for a gated or private model on the hub; mounted into the run's "
+        f"pods as HF_TOKEN only. Needs the label {CREDENTIALS_LABEL}.",
+    )
+    uri: str | None = Field(
+        None,
+        max_length=2048,
+        description="Object-store prefix (s3://bucket/models/llama/ or file://) holding a model saved with "
+        "save_pretrained and pushed with `fedtune model push`: downloaded once into the cache volume, each file "
+        "checked against the pushed manifest, then loaded offline.",
+    )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the manifest `fedtune model push` printed: pins uri's model, so whoever can write "
+        "the prefix cannot swap it.",
+    )
+    path: str | None = Field(
+        None,
+        max_length=1024,
+        description="Folder with a model saved by save_pretrained: inside volume when volume is set, otherwise a "
+        "local path (relative to the spec file). Loaded offline.",
+    )
+    volume: dict[str, Any] | None = Field(
+        None,
+        description="A Kubernetes volume source holding path (e.g. {persistentVolumeClaim: {claimName: models}}), "
+        "mounted read-only into every pod of the run.",
+    )
+    cache: dict[str, Any] | None = Field(
+        None,
+        description="Volume source where uri's model is downloaded (default an emptyDir, so once per pod; a volume "
+        "shared by the pods of a node makes it once per node).",
     )
     config: dict[str, Any] | None = Field(
         None,
@@ -84,19 +125,62 @@ class ModelSpec(SpecModel):
     )
     seed: int = Field(0, ge=0, description="Seed for the weights of a model built from config.")
     dtype: str = Field(
-        "float32",
-        pattern=r"^(float32|bfloat16|float16)$",
-        description="Precision the base model is loaded in: float32, bfloat16 or float16.",
+        "auto",
+        pattern=r"^(auto|float32|bfloat16|float16)$",
+        description="Precision of the frozen base model: auto is bfloat16 on a GPU that supports it and float32 "
+        "otherwise. Adapter weights stay float32; on a GPU the forward pass runs under autocast in this dtype.",
     )
-    revision: str | None = Field(None, max_length=128, description="Revision of a pretrained model.")
+    attention: str = Field(
+        "auto",
+        pattern=r"^(auto|eager|sdpa|flash_attention_2)$",
+        description="Attention implementation: auto is flash_attention_2 where flash-attn is installed and a GPU "
+        "is used, otherwise sdpa.",
+    )
+    quantization: str | None = Field(
+        None,
+        pattern=r"^nf4$",
+        description="nf4 loads the frozen base in 4 bits through bitsandbytes (QLoRA; needs a CUDA GPU and the "
+        "bitsandbytes package in the image). Only LoRA-family methods train on a quantized base.",
+    )
 
     rules = (
         Rule["ModelSpec"](
             field="",
-            message="set exactly one of name (pretrained) or config (built from a config)",
-            cel="has(self.name) != has(self.config)",
-            find=lambda m: unless((m.name is None) != (m.config is None)),
+            message="set exactly one of name (hub), uri (object store), path (folder or volume) or config",
+            cel="[has(self.name), has(self.uri), has(self.path), has(self.config)].filter(x, x).size() == 1",
+            find=lambda m: unless(sum(x is not None for x in (m.name, m.uri, m.path, m.config)) == 1),
         ),
+        Rule["ModelSpec"](
+            field="volume",
+            message="volume holds the model's folder: set path with it",
+            cel="!has(self.volume) || has(self.path)",
+            find=lambda m: unless(m.volume is None or m.path is not None),
+        ),
+        Rule["ModelSpec"](
+            field="tokenSecretRef",
+            message="a token is for the hub: set name with it",
+            cel="!has(self.tokenSecretRef) || has(self.name)",
+            find=lambda m: unless(m.token_secret_ref is None or m.name is not None),
+        ),
+        Rule["ModelSpec"](
+            field="revision",
+            message="a revision is of a hub model: set name with it",
+            cel="!has(self.revision) || has(self.name)",
+            find=lambda m: unless(m.revision is None or m.name is not None),
+        ),
+        Rule["ModelSpec"](
+            field="sha256",
+            message="sha256 pins a model pushed to uri: set uri with it",
+            cel="!has(self.sha256) || has(self.uri)",
+            find=lambda m: unless(m.sha256 is None or m.uri is not None),
+        ),
+        Rule["ModelSpec"](
+            field="cache",
+            message="the cache holds a model downloaded from uri: set uri with it",
+            cel="!has(self.cache) || has(self.uri)",
+            find=lambda m: unless(m.cache is None or m.uri is not None),
+        ),
+        scheme_rule("uri", lambda m: m.uri, required=False),
     )
 
 
@@ -125,15 +209,28 @@ class TokenizerSpec(SpecModel):
 class PeftMethod(StrEnum):
     LORA = "lora"
     FFA_LORA = "ffa-lora"
+    DORA = "dora"
+    IA3 = "ia3"
+    PROMPT_TUNING = "prompt-tuning"
+    PREFIX_TUNING = "prefix-tuning"
+
+
+# Methods that put low-rank A·B pairs on targetModules (and so can train on a 4-bit base, QLoRA).
+LORA_FAMILY = frozenset({PeftMethod.LORA, PeftMethod.FFA_LORA, PeftMethod.DORA})
 
 
 class PeftSpec(SpecModel):
-    """The parameter-efficient adapter each client trains; only its weights ever travel."""
+    """The parameter-efficient adapter each client trains; only its weights ever travel.
+
+    Every strategy aggregates every method: each method's trainable weights are a fixed set of tensors of
+    one shape for all clients, initialised by the run's seed and reset to the global at each round.
+    """
 
     method: PeftMethod = Field(
         PeftMethod.LORA,
-        description="lora, or ffa-lora (A frozen at its seeded init, only B trained and sent: "
-        "averaging is then exact; recommended under differential privacy).",
+        description="lora; ffa-lora (A frozen at its seeded init, only B trained and sent: averaging is then exact; "
+        "recommended under differential privacy); dora (LoRA with a learned magnitude); ia3 (learned scaling "
+        "vectors); prompt-tuning or prefix-tuning (learned virtual tokens).",
     )
     r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
@@ -142,7 +239,31 @@ class PeftSpec(SpecModel):
         default_factory=lambda: ["q_proj", "v_proj"],
         min_length=1,
         max_length=64,
-        description="Names of the modules that get adapters, e.g. q_proj, k_proj, v_proj, o_proj.",
+        description="Names of the modules that get adapters, e.g. q_proj, k_proj, v_proj, o_proj (lora, ffa-lora, "
+        "dora, ia3).",
+    )
+    feedforward_modules: list[Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="ia3: the targetModules that are feed-forward layers (scaled on their input, not output).",
+    )
+    num_virtual_tokens: int = Field(
+        16, ge=1, le=4096, description="prompt-tuning, prefix-tuning: learned tokens put before every input."
+    )
+
+    rules = (
+        Rule["PeftSpec"](
+            field="feedforwardModules",
+            message="feed-forward modules are an ia3 setting and must be among targetModules",
+            cel="!has(self.feedforwardModules) || size(self.feedforwardModules) == 0 || "
+            "(has(self.method) && self.method == 'ia3' && "
+            "self.feedforwardModules.all(m, has(self.targetModules) ? m in self.targetModules : "
+            "m in ['q_proj', 'v_proj']))",
+            find=lambda p: unless(
+                not p.feedforward_modules
+                or (p.method == PeftMethod.IA3 and set(p.feedforward_modules) <= set(p.target_modules))
+            ),
+        ),
     )
 
 
@@ -325,14 +446,41 @@ class AggregatorSpec(PartySpec):
     """Where the aggregator runs, and its identity."""
 
 
+class LrSchedule(StrEnum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
 class TrainingSpec(SpecModel):
     """Local training each selected client runs per round."""
 
     local_steps: int = Field(10, ge=1, le=100_000, description="Optimizer steps per client per round.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Examples per step.")
-    learning_rate: float = Field(1e-3, gt=0, le=10, description="AdamW learning rate.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Examples per micro-batch.")
+    gradient_accumulation: int = Field(
+        1, ge=1, le=4096, description="Micro-batches per optimizer step: a step sees batchSize × this examples."
+    )
+    learning_rate: float = Field(1e-3, gt=0, le=10, description="AdamW peak learning rate.")
+    lr_schedule: LrSchedule = Field(
+        LrSchedule.CONSTANT,
+        description="constant, or cosine: linear warm-up over warmupSteps, then cosine decay to zero over the "
+        "whole run (rounds × localSteps), continued across rounds.",
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up at the start of the run.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_length: int = Field(256, ge=8, le=131_072, description="Tokens per example after truncation.")
+    packing: bool = Field(
+        False,
+        description="text data: concatenate examples (each ended by eos) and cut them into maxLength blocks, so no "
+        "step computes on padding.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a third more compute."
+    )
+    keep_optimizer_state: bool = Field(
+        False,
+        description="Keep each client's AdamW moments from round to round, in the client's own prefix (signed). "
+        "Off: every round starts AdamW afresh.",
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Per-step gradient clipping; null disables.")
     eval_batches: int = Field(8, ge=1, description="At most this many batches of the eval split are scored.")
 
@@ -615,6 +763,37 @@ class FederatedFineTuneSpec(SpecModel):
                 f"minClients is {s.aggregation.min_clients}, clientsPerRound {s.aggregation.clients_per_round}",
             ),
         ),
+        Rule["FederatedFineTuneSpec"](
+            field="training.keepOptimizerState",
+            message="under differential privacy a client keeps no optimizer state between rounds: its un-noised "
+            "moments would sit in storage the aggregator can read",
+            cel=f"!{_DP_ON} || !has(self.training) || !has(self.training.keepOptimizerState) || "
+            "!self.training.keepOptimizerState",
+            find=lambda s: unless(not s.privacy.enabled or not s.training.keep_optimizer_state),
+        ),
+        Rule["FederatedFineTuneSpec"](
+            field="training.packing",
+            message="packing joins plain text: every client's data.format must be text",
+            cel="!has(self.training) || !has(self.training.packing) || !self.training.packing || "
+            "self.clients.all(c, !has(c.data.format) || c.data.format == 'text')",
+            find=lambda s: next(
+                (
+                    Violation("training.packing", f"clients[{i}].data.format is {c.data.format}")
+                    for i, c in enumerate(s.clients)
+                    if s.training.packing and c.data.format != DataFormat.TEXT
+                ),
+                None,
+            ),
+        ),
+        Rule["FederatedFineTuneSpec"](
+            field="model.quantization",
+            message="a quantized (4-bit) base trains only LoRA-family adapters (lora, ffa-lora, dora)",
+            cel="!has(self.model.quantization) || !has(self.peft) || !has(self.peft.method) || "
+            f"self.peft.method in {sorted(str(m) for m in LORA_FAMILY)}",
+            find=lambda s: unless(
+                s.model.quantization is None or s.peft.method in LORA_FAMILY, f"peft.method is {s.peft.method}"
+            ),
+        ),
     )
 
     def parties(self) -> list[tuple[str, PartySpec]]:
@@ -623,7 +802,10 @@ class FederatedFineTuneSpec(SpecModel):
 
     def secret_refs(self) -> list[tuple[str, str]]:
         """(field path, Secret name) of every Secret the run references."""
-        refs = [("spec.storage.secretRef", self.storage.secret_ref)]
+        refs = [
+            ("spec.storage.secretRef", self.storage.secret_ref),
+            ("spec.model.tokenSecretRef", self.model.token_secret_ref),
+        ]
         for path, party in self.parties():
             refs += [
                 (f"{path}.secretRef", party.secret_ref),

@@ -11,6 +11,16 @@ from fedtune.controller.kube import Credentials
 from fedtune.federation.signing import KEY_FILE, InvalidKey, check_pair, parse_private
 
 STORAGE_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+TOKEN_KEY = "HF_TOKEN"
+
+
+def needed_keys(path: str) -> tuple[str, ...]:
+    """The keys the Secret a field names must hold."""
+    if path.endswith("signingKeySecretRef"):
+        return (KEY_FILE,)
+    if path.endswith("tokenSecretRef"):
+        return (TOKEN_KEY,)
+    return STORAGE_KEYS
 
 
 def allowed_images() -> list[str]:
@@ -36,7 +46,7 @@ def admission(res: FederatedFineTune, secrets: dict[str, Credentials]) -> tuple[
             )
         if found.runs and res.metadata.uid not in found.runs:
             return "SecretNotAllowed", f"{path}: Secret {ns}/{name} belongs to another run (its generated key)"
-        need = (KEY_FILE,) if path.endswith("signingKeySecretRef") else STORAGE_KEYS
+        need = needed_keys(path)
         if not set(need) <= set(found.data):
             return "SecretInvalid", f"{path}: Secret {ns}/{name} needs keys {' and '.join(need)}"
     for path, party in spec.parties():
