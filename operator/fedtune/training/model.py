@@ -8,10 +8,18 @@ import torch
 
 from fedtune.api.spec import FederatedFineTuneSpec, PeftMethod
 from fedtune.errors import FedtuneError
+from fedtune.training.sources import resolve_model
 
 State = dict[str, torch.Tensor]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def base_dtype(name: str) -> torch.dtype:
+    """spec.model.dtype as a torch dtype: auto is bfloat16 on a GPU that supports it, else float32."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return _DTYPES[name]
 
 
 def device() -> torch.device:
@@ -23,12 +31,13 @@ def build_base_model(spec: FederatedFineTuneSpec, vocab_size: int) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = spec.model
-    dtype = _DTYPES[m.dtype]
-    if m.name is not None:
+    dtype = base_dtype(m.dtype)
+    source = resolve_model(spec)
+    if source is not None:
         try:
-            return AutoModelForCausalLM.from_pretrained(m.name, revision=m.revision, dtype=dtype)
+            return AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.kwargs())
         except (OSError, ValueError) as e:
-            raise FedtuneError(f"spec.model.name: cannot load {m.name!r}: {str(e).splitlines()[0]}") from None
+            raise FedtuneError(f"spec.model: cannot load {source.location!r}: {str(e).splitlines()[0]}") from None
     cfg = dict(m.config or {})
     model_type = cfg.pop("modelType", cfg.pop("model_type", "llama"))
     cfg.setdefault("vocab_size", vocab_size)

@@ -6,6 +6,7 @@ from typing import Any
 
 from fedtune.api.spec import FederatedFineTuneSpec
 from fedtune.errors import FedtuneError
+from fedtune.training.sources import resolve_model
 
 BYTE_SPECIALS = ("<pad>", "<s>", "</s>")
 # `<|role|>`, a newline and the content, turn after turn; an assistant turn ends with eos, so a model
@@ -43,13 +44,15 @@ def byte_tokenizer() -> Any:
 
 def build_tokenizer(spec: FederatedFineTuneSpec) -> Any:
     """The run's tokenizer; a pad token is always set so batches can be padded."""
-    if spec.tokenizer.builtin == "bytes" or (spec.tokenizer.name is None and spec.model.name is None):
+    source = resolve_model(spec)
+    if spec.tokenizer.builtin == "bytes" or (spec.tokenizer.name is None and source is None):
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    name = spec.tokenizer.name or spec.model.name
+    name = spec.tokenizer.name or (source.location if source else None)
+    kwargs = source.kwargs() if source is not None and spec.tokenizer.name is None else {}
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=spec.model.revision)
+        tok = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise FedtuneError(f"spec.tokenizer: cannot load tokenizer {name!r}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
