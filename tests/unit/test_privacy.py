@@ -27,6 +27,15 @@ def test_clip_scales_only_updates_above_the_norm() -> None:
     assert clip(small, norm(small), 2.0) is small
 
 
+def test_clip_keeps_a_huge_update_instead_of_flushing_it_to_zero() -> None:
+    # Norm 2e38 with clip norm 1e-8: the factor 5e-47 is below float32's smallest subnormal, so scaling in
+    # float32 flushes the update to zero.
+    huge = {"a": torch.tensor([1.2e38, 1.6e38])}
+    clipped = clip(huge, norm(huge), 1e-8)
+    assert clipped["a"].dtype == torch.float32
+    assert torch.allclose(clipped["a"], torch.tensor([6e-9, 8e-9]), rtol=1e-6)
+
+
 def test_private_mean_without_noise_is_the_uniform_mean_of_clipped_updates() -> None:
     dp = ClientLevelDP(PrivacySpec(enabled=True, clip_norm=1.0, noise_multiplier=0.0))
     ups = [{"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([0.0, 0.5])}]

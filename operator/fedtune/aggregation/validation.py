@@ -6,7 +6,6 @@ aggregator records a rejection and carries on without the update.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 
@@ -26,14 +25,6 @@ def _norm(t: torch.Tensor) -> float:
 def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
     """The L2 norm of the whole update, all tensors flattened together."""
     return math.sqrt(sum(_norm(v) ** 2 for v in delta.values()))
-
-
-def check_digest(data: bytes, expected_sha256: str) -> str | None:
-    """Why the bytes cannot be trusted (their sha256 is not the one their marker commits to), or None."""
-    got = hashlib.sha256(data).hexdigest()
-    if got != expected_sha256:
-        return f"sha256 {got[:12]}… does not match its marker {expected_sha256[:12]}…"
-    return None
 
 
 @single_threaded()

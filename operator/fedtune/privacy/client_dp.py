@@ -49,11 +49,14 @@ def secure_gaussian(shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
 
 
 def clip(delta: Mapping[str, torch.Tensor], norm: float, clip_norm: float) -> Mapping[str, torch.Tensor]:
-    """The update scaled to L2 norm at most clip_norm (unchanged if already within)."""
+    """The update scaled to L2 norm at most clip_norm (unchanged if already within).
+
+    Scaled in float64: a float32 factor for a huge norm would be subnormal, or zero, and lose the update.
+    """
     if norm <= clip_norm:
         return delta
     factor = clip_norm / norm
-    return {k: v * factor for k, v in delta.items()}
+    return {k: (v.double() * factor).to(v.dtype) for k, v in delta.items()}
 
 
 def count_stddev(updates: int, noise_multiplier: float) -> float:
