@@ -247,14 +247,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
     # Stores share one session and one client per endpoint and credentials: made before the mock, they would
     # go out to the network (moto hooks sessions made after it is imported); made under it, they must not
     # outlive it.
-    s3._session.cache_clear()
-    s3._shared_client.cache_clear()
+    s3.forget_clients()
     with mock_aws():
         store = open_store("s3://bucket/data")
         store._client.create_bucket(Bucket="bucket")  # type: ignore[attr-defined]
         yield store
-    s3._session.cache_clear()
-    s3._shared_client.cache_clear()
+    s3.forget_clients()
 
 
 def test_lines_stream_across_chunks(store: ObjectStore) -> None:

@@ -86,6 +86,13 @@ def _session() -> boto3.session.Session:
     return boto3.session.Session()
 
 
+def forget_clients() -> None:
+    """Drop the shared session and clients, so the next store makes new ones: for code that swaps the
+    transport underneath (an in-process S3 stand-in hooks only sessions made after it starts)."""
+    _session.cache_clear()
+    _shared_client.cache_clear()
+
+
 class S3Store(ObjectStore):
     """Transient failures (a restarting server, a dropped connection) are retried until a deadline."""
 
