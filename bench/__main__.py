@@ -47,9 +47,10 @@ from fedtune.aggregation import ClientUpdate, State, make_strategy
 from fedtune.aggregation.ahead import ahead, share_one_heap
 from fedtune.aggregation.encoding import decode, decode_checked, encode, read_layout, size_bounds
 from fedtune.aggregation.spool import Spool, SpooledDelta
-from fedtune.aggregation.validation import check_digest, update_norm, validate, validate_update
+from fedtune.aggregation.validation import update_norm, validate, validate_update
 from fedtune.api.spec import AggregationSpec
 from fedtune.federation import update_check
+from fedtune.federation.protocol import check_digest
 from fedtune.federation.update_check import Rules
 from fedtune.storage import ObjectStore, open_store
 
@@ -161,8 +162,7 @@ def one_at_a_time(store: ObjectStore, k: int, digests: list[str], reference: Sta
     """The baseline: get, sha256 against the marker, decode, validate, one update after the other."""
     for i in range(k):
         data = store.get(key(i))
-        if check_digest(data, digests[i]):
-            raise RuntimeError("digest")
+        check_digest(key(i), data, digests[i])
         delta = decode(data)
         del data
         if validate_update(delta, reference, None):
@@ -178,8 +178,7 @@ def check_one_at_a_time(store: ObjectStore, k: int, digests: list[str], referenc
     for i in range(k):
         store.size(key(i))
         data = store.get_at_most(key(i), high)
-        if check_digest(data, digests[i]):
-            raise RuntimeError("digest")
+        check_digest(key(i), data, digests[i])
         read_layout(data, reference, "fp32")
         delta = decode(data)
         if validate_update(delta, reference, None):
@@ -236,7 +235,7 @@ def storage_stages(store: ObjectStore, digest: str, reference: State) -> dict[st
         t = [time.perf_counter()]
         data = store.get(key(0))
         t.append(time.perf_counter())
-        check_digest(data, digest)
+        check_digest(key(0), data, digest)
         t.append(time.perf_counter())
         delta = decode(data)
         t.append(time.perf_counter())
@@ -245,7 +244,7 @@ def storage_stages(store: ObjectStore, digest: str, reference: State) -> dict[st
         del data, delta
         data = store.get_at_most(key(0), high)
         t.append(time.perf_counter())
-        check_digest(data, digest)
+        check_digest(key(0), data, digest)
         t.append(time.perf_counter())
         layout = read_layout(data, reference, "fp32")
         delta = decode_checked(data, layout)
