@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # multi-GB torch wheel so a rebuild downloads nothing.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install demo test unit lint bench clean
+.PHONY: install demo test unit lint bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ bench: install cluster-deps $(BENCH_DEPS)/.flwr-1.42.0
 	$(PY) -m bench
 	$(PY) -m bench.operator
 	$(PY) -m bench.rounds
+
+# A client's training on a CUDA GPU against a plain PEFT loop (tokens/s, MFU, memory, round overhead);
+# without a GPU it writes bench/results/gpu.md saying so.
+bench-gpu: install
+	$(PY) -m bench.gpu
 
 $(BENCH_DEPS)/.flwr-1.42.0:
 	$(PY) -m pip install -q --target $(BENCH_DEPS) flwr==1.42.0

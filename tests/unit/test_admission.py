@@ -8,6 +8,9 @@ from typing import Any
 import pytest
 
 from fedtune.api import SpecError, parse_resource
+from fedtune.controller.admission import admission
+from fedtune.controller.kube import Credentials
+from tests.unit.runs import run
 
 CLIENTS = [{"name": f"c{i}", "data": {"uri": f"s3://b/{i}.jsonl"}} for i in range(7)]
 
@@ -76,3 +79,35 @@ def test_the_coordinators_party_name_is_reserved_and_dp_clips_instead_of_rejecti
         parse_resource(doc(clients=[{"name": "aggregator", "data": {"uri": "s3://b/a.jsonl"}}]))
     with pytest.raises(SpecError, match=r"spec\.aggregation\.maxUpdateNorm: under differential privacy"):
         parse_resource(doc(privacy={"enabled": True}, aggregation={"maxUpdateNorm": 10}))
+
+
+def test_a_hub_token_secret_must_exist_and_hold_hf_token() -> None:
+    res = run(model={"name": "meta-llama/Llama-3.2-1B", "tokenSecretRef": "hf"})
+    storage = Credentials({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+    secrets = {name: storage for _, name in res.spec.secret_refs() if name != "hf"}
+    reason, message = admission(res, secrets) or ("", "")
+    assert reason == "SecretNotFound" and message.startswith("spec.model.tokenSecretRef: Secret team-a/hf not found")
+    reason, message = admission(res, {**secrets, "hf": Credentials({"TOKEN": "x"})}) or ("", "")
+    assert (reason, message) == ("SecretInvalid", "spec.model.tokenSecretRef: Secret team-a/hf needs keys HF_TOKEN")
+    assert admission(res, {**secrets, "hf": Credentials({"HF_TOKEN": "x"})}) is None
+
+
+@pytest.mark.parametrize(
+    ("model", "field", "kind"),
+    [
+        ({"path": "llama", "volume": {"secret": {"secretName": "other-runs-keys"}}}, "spec.model.volume", "secret"),
+        ({"path": "llama", "volume": {"projected": {"sources": []}}}, "spec.model.volume", "projected"),
+        ({"uri": "s3://b/models/m/", "cache": {"configMap": {"name": "c"}}}, "spec.model.cache", "configMap"),
+    ],
+)
+def test_a_model_volume_cannot_mount_credentials_past_the_label(model: dict[str, Any], field: str, kind: str) -> None:
+    res = run(model=model)
+    storage = Credentials({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+    reason, message = admission(res, {name: storage for _, name in res.spec.secret_refs()}) or ("", "")
+    assert reason == "VolumeNotAllowed" and message.startswith(f"{field}: a {kind} volume cannot hold the model")
+
+
+def test_a_model_on_a_claim_is_admitted() -> None:
+    res = run(model={"path": "llama", "volume": {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}})
+    storage = Credentials({"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+    assert admission(res, {name: storage for _, name in res.spec.secret_refs()}) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -9,27 +10,31 @@ import torch
 
 from fedtune.aggregation import ClientUpdate, make_strategy
 from fedtune.api.spec import AggregationSpec
-from fedtune.training.trainer import train
+from fedtune.training.model import device
+from fedtune.training.trainer import Options, train
 
 
-class Quadratic(torch.nn.Module):
-    """loss = ||w − target||², minimised at the target; w starts at 0 (the 'global')."""
+class TwoLogits(torch.nn.Module):
+    """Logits (w0, w1) at every position: cross-entropy towards token 0 alone has no optimum (w0 grows
+    forever), while with FedProx's mu/2·||w||² it sits at w = (a, −a) where mu·a = σ(−2a)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(3))
+        self.w = torch.nn.Parameter(torch.zeros(2))
 
-    def forward(self, target: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(loss=((self.w - target) ** 2).sum())
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.w.expand(*input_ids.shape, 2))
 
 
-@pytest.mark.parametrize(("mu", "optimum"), [(0.0, 10.0), (2.0, 5.0), (18.0, 1.0)])
-def test_proximal_term_moves_the_optimum_to_its_hand_computed_value(mu: float, optimum: float) -> None:
-    # d/dw [(w − 10)² + mu/2·w²] = 0  ⇒  w = 20 / (2 + mu)
-    model = Quadratic()
-    batches = [{"target": torch.full((3,), 10.0)}] * 600
-    train(model, batches, learning_rate=0.05, proximal_mu=mu)
-    assert torch.allclose(model.w.detach(), torch.full((3,), optimum), atol=0.05)
+@pytest.mark.parametrize("optimum", [0.5, 1.0, 2.0])
+def test_proximal_term_moves_the_optimum_to_its_hand_computed_value(optimum: float) -> None:
+    mu = 1 / (optimum * (1 + math.exp(2 * optimum)))  # solves mu·a = σ(−2a) for a = optimum
+    model = TwoLogits().to(device())
+    batch = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.zeros(1, 2, dtype=torch.long)}
+    batch["attention_mask"] = torch.ones(1, 2, dtype=torch.long)
+    steps = 1500
+    train(model, [[batch]] * steps, Options(rate=lambda i: 0.05 * (1 - i / steps), proximal_mu=mu))
+    torch.testing.assert_close(model.w.detach().cpu(), torch.tensor([optimum, -optimum]), rtol=0, atol=0.02)
 
 
 def test_fedprox_aggregates_exactly_as_fedavg() -> None:

@@ -265,3 +265,63 @@ def test_child_names_are_unambiguous_across_runs() -> None:
             name = names.child_name(run_name, role, member)
             assert DNS_LABEL.match(name) and len(name) <= 63, name
             assert made.setdefault(name, (run_name, role, member)) == (run_name, role, member), name
+
+
+def _env(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def _mounted(job: dict[str, Any], volume: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A volume of the pod and its mount in the container."""
+    pod = job["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    return {v["name"]: v for v in pod["volumes"]}[volume], mounts[volume]
+
+
+def test_a_hub_token_reaches_every_pod_as_hf_token_alone() -> None:
+    res = run(model={"name": "meta-llama/Llama-3.2-1B", "tokenSecretRef": "hf"})
+    bare = run()
+    for job, without in zip(jobs(res), jobs(bare), strict=True):
+        env = _env(job)
+        assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}}
+        # The token Secret is the one Secret the model adds, and only its HF_TOKEN key is read.
+        assert _secrets_of(job) - _secrets_of(without) == {"hf"}
+        assert all(
+            e.get("secretRef", {}).get("name") != "hf"
+            for e in job["spec"]["template"]["spec"]["containers"][0].get("envFrom", [])
+        )
+        assert "HF_HUB_OFFLINE" not in env
+
+
+def test_a_model_volume_is_mounted_read_only_and_read_offline() -> None:
+    claim = {"persistentVolumeClaim": {"claimName": "models"}}
+    res = run(model={"path": "llama/1b", "volume": claim})
+    for job in jobs(res):
+        volume, mount = _mounted(job, "model")
+        assert volume == {"name": "model", **claim}
+        assert mount == {"name": "model", "mountPath": builders.MODEL_MOUNT, "readOnly": True}
+        env = _env(job)
+        assert env["FEDTUNE_MODEL_ROOT"]["value"] == builders.MODEL_MOUNT
+        assert env["HF_HUB_OFFLINE"]["value"] == "1"
+        assert "HF_TOKEN" not in env and "FEDTUNE_MODEL_CACHE" not in env
+
+
+def test_a_uri_model_gets_a_writable_cache_volume() -> None:
+    default = run(model={"uri": "s3://fedtune/models/llama/"})
+    shared = run(model={"uri": "s3://fedtune/models/llama/", "cache": {"hostPath": {"path": "/var/models"}}})
+    for res, source in ((default, {"emptyDir": {}}), (shared, {"hostPath": {"path": "/var/models"}})):
+        for job in jobs(res):
+            volume, mount = _mounted(job, "model-cache")
+            assert volume == {"name": "model-cache", **source}
+            assert mount == {"name": "model-cache", "mountPath": builders.MODEL_CACHE_MOUNT}
+            env = _env(job)
+            assert env["FEDTUNE_MODEL_CACHE"]["value"] == builders.MODEL_CACHE_MOUNT
+            assert env["HF_HUB_OFFLINE"]["value"] == "1"
+            assert "FEDTUNE_MODEL_ROOT" not in env
+
+
+def test_a_model_built_from_config_is_offline_with_no_model_volume() -> None:
+    for job in jobs(run()):
+        assert _env(job)["HF_HUB_OFFLINE"]["value"] == "1"
+        volumes = {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]}
+        assert not volumes & {"model", "model-cache"}

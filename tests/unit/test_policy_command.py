@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import yaml
+
+from fedtune.errors import FedtuneError
+from fedtune.federation.policy import bucket_policy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cluster" / "quickstart.yaml"
 
@@ -38,3 +45,30 @@ def test_a_principal_for_no_party_is_refused() -> None:
     out = policy("--principal", "hospital-z=acct")
     assert out.returncode == 1
     assert out.stderr.strip().startswith("error: --principal hospital-z=acct: expected PARTY=NAME with PARTY one of")
+
+
+def test_every_party_reads_a_model_pushed_to_the_runs_bucket(tmp_path: Path) -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["model"] = {"uri": "s3://fedtune/models/tiny/", "sha256": "0" * 64}
+    spec = tmp_path / "run.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    out = subprocess.run(
+        [sys.executable, "-m", "fedtune", "policy", str(spec), "--uid", "u-1", "--principal", "bank=bank-account"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    by_sid = {s["Sid"]: s for s in json.loads(out.stdout)["Statement"]}
+    model = by_sid["EveryPartyReadsModel"]
+    assert model["Principal"] == {"AWS": ["aggregator", "clinic", "bank-account", "devops"]}
+    # Objects by key only: the loader reads the manifest and the files it names, never a listing.
+    assert model["Action"] == ["s3:GetObject"] and model["Resource"] == ["arn:aws:s3:::fedtune/models/tiny/*"]
+
+
+def test_a_model_prefix_overlapping_the_run_is_refused() -> None:
+    for uri in ("s3://fedtune/", "s3://fedtune/runs", "s3://fedtune/runs/r/clients/a/model"):
+        with pytest.raises(FedtuneError, match=re.escape(f"spec.model.uri: {uri} overlaps the run root")):
+            bucket_policy("s3://fedtune/runs/r", "agg", {"a": "a"}, uri)
+    other_bucket = bucket_policy("s3://fedtune/runs/r", "agg", {"a": "a"}, "s3://models/tiny")
+    assert "EveryPartyReadsModel" not in {s["Sid"] for s in other_bucket["Statement"]}

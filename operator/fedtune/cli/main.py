@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, ParamSpec, TypeVar
@@ -160,21 +161,31 @@ def client(
     run_name: RunName = "",
     namespace: Namespace = "",
 ) -> None:
-    """Train on this silo's data whenever selected (a client pod's command)."""
+    """Train on this silo's data whenever selected (a client pod's command).
+
+    With resources.gpus above 1 it runs itself again under torchrun, one process per GPU.
+    """
     _logging()
     from fedtune import metrics
     from fedtune.federation.client import Client
     from fedtune.federation.records import Ledger
     from fedtune.federation.run_config import RunConfig
     from fedtune.storage import open_store
+    from fedtune.training import distributed
 
     cfg = RunConfig.load(config)
     signer = cfg.client_signer(name, signing_key)
-    metrics.serve(metrics_port)
     spec = cfg.resource.spec
+    gpus = next((c.resources.gpus for c in spec.clients if c.name == name), 0)
+    if gpus > 1 and not distributed.is_worker():
+        distributed.check_batch(spec.training.batch_size, gpus)
+        distributed.relaunch(gpus)
     ledger = Ledger(open_store(run_root, endpoint=spec.storage.endpoint), cfg.trust, signer)
     creds = _credentials(data_credentials) if data_credentials else None
-    Client(ledger, spec, name, run=(namespace, run_name), data_credentials=creds).run()
+    with distributed.joined() if distributed.is_worker() else nullcontext(distributed.Group()) as group:
+        if group.main:
+            metrics.serve(metrics_port)
+        Client(ledger, spec, name, run=(namespace, run_name), data_credentials=creds, group=group).run()
 
 
 def _credentials(folder: Path) -> tuple[str, str]:
@@ -304,7 +315,7 @@ def policy(
         res.metadata.uid = uid
         run_root = k8s_run_root(res)
     aggregator_account = names.pop("aggregator")
-    typer.echo(json.dumps(bucket_policy(run_root, aggregator_account, names), indent=2))
+    typer.echo(json.dumps(bucket_policy(run_root, aggregator_account, names, res.spec.model.uri), indent=2))
 
 
 @app.command()
@@ -349,6 +360,11 @@ def operator(
         priority=None if standalone else priority,
         peering_name=None if standalone else peering,
     )
+
+
+from fedtune.cli.model_cmd import app as model_app  # noqa: E402  (it uses friendly, defined above)
+
+app.add_typer(model_app)
 
 
 def main() -> None:

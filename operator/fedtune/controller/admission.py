@@ -28,6 +28,21 @@ def allowed_images() -> list[str]:
     return os.environ.get("FEDTUNE_ALLOWED_IMAGES", "").replace(",", " ").split()
 
 
+# Volume kinds that would mount Secrets, or the pod's own identity, past the credentials label: a model
+# volume holds files, not credentials.
+CREDENTIAL_VOLUMES = ("secret", "projected", "configMap", "downwardAPI")
+
+
+def credential_volume(res: FederatedFineTune) -> tuple[str, str] | None:
+    """(field, kind) of a model volume that would mount credentials or cluster objects, or None."""
+    m = res.spec.model
+    for field, source in (("spec.model.volume", m.volume), ("spec.model.cache", m.cache)):
+        kind = next((k for k in CREDENTIAL_VOLUMES if k in (source or {})), None)
+        if kind:
+            return field, kind
+    return None
+
+
 def admission(res: FederatedFineTune, secrets: dict[str, Credentials]) -> tuple[str, str] | None:
     """What keeps this run's pods from being created, as (reason, message naming the field), or None."""
     spec, ns = res.spec, res.metadata.namespace
@@ -36,6 +51,13 @@ def admission(res: FederatedFineTune, secrets: dict[str, Credentials]) -> tuple[
         return (
             "ImageNotAllowed",
             f"spec.image: {spec.image} is not among the operator's allowedImages ({', '.join(allowed)})",
+        )
+    found_volume = credential_volume(res)
+    if found_volume:
+        field, kind = found_volume
+        return "VolumeNotAllowed", (
+            f"{field}: a {kind} volume cannot hold the model (it would mount objects past the "
+            f"{CREDENTIALS_LABEL} label); use a persistentVolumeClaim, csi, nfs or ephemeral volume"
         )
     for path, name in spec.secret_refs():
         found = secrets.get(name)

@@ -28,6 +28,7 @@ from fedtune.controller.names import (
 from fedtune.federation.run_config import KEYS_FILE, RESOURCE_FILE, resource_json
 from fedtune.federation.signing import AGGREGATOR, KEY_FILE, Trust, client_party
 from fedtune.storage import join
+from fedtune.training.sources import MODEL_CACHE_ENV, MODEL_ROOT_ENV
 
 Manifest = dict[str, Any]
 
@@ -35,6 +36,10 @@ METRICS_PORT = 9090
 CONFIG_MOUNT = "/etc/fedtune"
 KEY_MOUNT = "/etc/fedtune-key"
 DATA_MOUNT = "/etc/fedtune-data"
+MODEL_MOUNT = "/var/fedtune/model"
+MODEL_CACHE_MOUNT = "/var/cache/fedtune-models"
+# The one key of spec.model.tokenSecretRef (admission requires it) and the variable huggingface_hub reads.
+TOKEN_KEY = "HF_TOKEN"
 # Pods on a node that stops answering are evicted after this, not the default five minutes, so a
 # client is rescheduled in its pool while the round is still open.
 NOT_READY_TOLERATION_SECONDS = 30
@@ -139,6 +144,30 @@ def _volume(name: str, source: Manifest, path: str) -> tuple[Manifest, Manifest]
     return {"name": name, **source}, {"name": name, "mountPath": path, "readOnly": True}
 
 
+def _model(res: FederatedFineTune) -> tuple[list[Manifest], list[Manifest], list[Manifest]]:
+    """Env, volumes and mounts for spec.model: the hub token as HF_TOKEN alone, a model volume read-only, a
+    writable cache for a uri model; a model not from the hub is read offline, so nothing is fetched."""
+    m = res.spec.model
+    env: list[Manifest] = []
+    volumes: list[Manifest] = []
+    mounts: list[Manifest] = []
+    if m.name is None:
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})
+    if m.token_secret_ref:
+        ref = {"name": m.token_secret_ref, "key": TOKEN_KEY}
+        env.append({"name": TOKEN_KEY, "valueFrom": {"secretKeyRef": ref}})
+    if m.volume is not None:
+        volume, mount = _volume("model", m.volume, MODEL_MOUNT)
+        volumes.append(volume)
+        mounts.append(mount)
+        env.append({"name": MODEL_ROOT_ENV, "value": MODEL_MOUNT})
+    if m.uri is not None:
+        volumes.append({"name": "model-cache", **(m.cache or {"emptyDir": {}})})
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT})
+        env.append({"name": MODEL_CACHE_ENV, "value": MODEL_CACHE_MOUNT})
+    return env, volumes, mounts
+
+
 def _pod(res: FederatedFineTune, party_name: str, party: PartySpec, args: list[str]) -> Manifest:
     """A pod template meeting the restricted Pod Security Standard, with this party's Secrets and no other's."""
     component = "aggregator" if party_name == AGGREGATOR else "client"
@@ -155,8 +184,10 @@ def _pod(res: FederatedFineTune, party_name: str, party: PartySpec, args: list[s
     if isinstance(party, ClientSpec) and party.data.secret_ref:
         mounted.append(_volume("data-credentials", {"secret": {"secretName": party.data.secret_ref}}, DATA_MOUNT))
         env.append({"name": "FEDTUNE_DATA_CREDENTIALS", "value": DATA_MOUNT})
-    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}, *(v for v, _ in mounted)]
-    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}, *(m for _, m in mounted)]
+    model_env, model_volumes, model_mounts = _model(res)
+    env += model_env
+    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}, *(v for v, _ in mounted), *model_volumes]
+    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}, *(m for _, m in mounted), *model_mounts]
     storage = storage_secret(res, party)
     pod: Manifest = {
         "restartPolicy": "Never",

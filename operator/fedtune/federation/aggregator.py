@@ -34,7 +34,8 @@ from fedtune.federation.signing import AGGREGATOR, SignatureError
 from fedtune.federation.update_check import Rejected, Rules
 from fedtune.privacy import ClientLevelDP
 from fedtune.storage import ObjectNotFound, StorageError
-from fedtune.training.model import adapter_state, build_model, load_adapter, trainable_keys
+from fedtune.training.adapter_only import build_adapter_only
+from fedtune.training.model import adapter_state, load_adapter, trainable_keys
 from fedtune.training.tokenizer import build_tokenizer
 
 log = logging.getLogger("fedtune.aggregator")
@@ -107,7 +108,7 @@ class Aggregator:
         self.dp = self._privacy()
         self.strategy = self._strategy()
         self.tokenizer = build_tokenizer(self.spec)
-        self.model = build_model(self.spec, self.tokenizer)
+        self.model = build_adapter_only(self.spec, len(self.tokenizer))  # the adapter alone: no base weights
         self.trainable = trainable_keys(self.model)
         self.rounds = self.spec.aggregation.rounds
         # Carried from round summary to round summary, so a restarted aggregator picks them up.

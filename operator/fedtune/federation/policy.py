@@ -33,8 +33,12 @@ def _sid(name: str) -> str:
     return "".join(part.capitalize() for part in name.replace("_", "-").split("-"))
 
 
-def bucket_policy(run_root: str, aggregator: str, clients: dict[str, str]) -> Policy:
-    """The policy for the run rooted at `run_root` (s3://bucket/prefix); principals by party."""
+def bucket_policy(run_root: str, aggregator: str, clients: dict[str, str], model_uri: str | None = None) -> Policy:
+    """The policy for the run rooted at `run_root` (s3://bucket/prefix); principals by party.
+
+    A base model pushed to `model_uri` (spec.model.uri) in the same bucket is readable by every party: its
+    manifest and the files it names, by key, with no listing.
+    """
     parsed = urlparse(run_root)
     if parsed.scheme != "s3" or not parsed.netloc:
         raise FedtuneError(f"{run_root}: a bucket policy needs an s3://bucket/prefix run root")
@@ -70,4 +74,22 @@ def bucket_policy(run_root: str, aggregator: str, clients: dict[str, str]) -> Po
                 [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
             ),
         ]
+    model = urlparse(model_uri or "")
+    if model.scheme == "s3" and model.netloc == bucket:
+        model_prefix = model.path.strip("/")
+        run_objects, model_objects = (f"{x}/" if x else "" for x in (prefix, model_prefix))
+        if run_objects.startswith(model_objects) or model_objects.startswith(run_objects):
+            # Every party may read the model: overlapping the run would let a client read other clients.
+            raise FedtuneError(
+                f"spec.model.uri: {model_uri} overlaps the run root {run_root}; push the model elsewhere"
+            )
+        statements.append(
+            {
+                "Sid": "EveryPartyReadsModel",
+                "Effect": "Allow",
+                "Principal": {"AWS": [aggregator, *clients.values()]},
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:aws:s3:::{bucket}/{model_prefix}/*"],
+            }
+        )
     return {"Version": "2012-10-17", "Statement": statements}

@@ -73,6 +73,15 @@ def update_marker(r: int, client: str) -> str:
     return f"{client_dir(client)}/rounds/{r:06d}/update.json"
 
 
+def optimizer_state_data(r: int, client: str, digest: str) -> str:
+    """The AdamW moments a client kept after training round r: read back only by the client itself."""
+    return f"{client_dir(client)}/rounds/{r:06d}/optimizer.{digest}.safetensors"
+
+
+def optimizer_state_marker(r: int, client: str) -> str:
+    return f"{client_dir(client)}/rounds/{r:06d}/optimizer.json"
+
+
 def ready(client: str) -> str:
     return f"{client_dir(client)}/ready.json"
 
@@ -138,6 +147,16 @@ class UpdateMarker(Record):
     encoding: str = "fp32"
     bytes: Count
     metrics: ClientMetrics
+
+
+class OptimizerStateMarker(Record):
+    """Commits the AdamW moments a client kept after round `round`, tied to the update that training made."""
+
+    client: str
+    round: Count
+    sha256: Digest
+    update_sha256: Digest
+    bytes: Count
 
 
 class EvalMarker(Record):

@@ -27,6 +27,7 @@ from fedtune.local.identities import CONFIG, key_path, local_config
 from fedtune.storage import ObjectStore, open_store
 from fedtune.storage.local_fs import FileStore
 from fedtune.training.data import read_jsonl
+from fedtune.training.sources import resolve_model
 
 
 @dataclass
@@ -63,13 +64,16 @@ class Proc:
 
 
 def resolve_paths(spec: FederatedFineTuneSpec, base_dir: Path) -> FederatedFineTuneSpec:
-    """Data paths relative to the spec file become absolute file:// URLs, so spec.json stands alone."""
+    """Data paths relative to the spec file become absolute file:// URLs, and a model folder an absolute
+    path, so spec.json stands alone."""
     spec = spec.model_copy(deep=True)
     for c in spec.clients:
         for attr in ("uri", "eval_uri"):
             uri = getattr(c.data, attr)
             if uri and "://" not in uri:
                 setattr(c.data, attr, f"file://{(base_dir / uri).resolve()}")
+    if spec.model.path and spec.model.volume is None:
+        spec.model.path = str((base_dir / Path(spec.model.path).expanduser()).resolve())
     return spec
 
 
@@ -82,8 +86,10 @@ def run_root(resource: FederatedFineTune, output: Path | None) -> ObjectStore:
 
 
 def preflight(spec: FederatedFineTuneSpec, store: ObjectStore) -> None:
-    """Problems a user can fix, found before any process starts: unreachable storage, unreadable data."""
+    """Problems a user can fix, found before any process starts: unreachable storage, unreadable data, a
+    missing model folder; a uri model is downloaded here once, into the cache the processes share."""
     store.check()
+    resolve_model(spec)
     for i, c in enumerate(spec.clients):
         for field, uri in (("uri", c.data.uri), ("evalUri", c.data.eval_uri)):
             if uri:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from pathlib import Path
 
 from fedtune.errors import FedtuneError
 
@@ -46,6 +47,14 @@ class ObjectStore(ABC):
     @abstractmethod
     def put(self, key: str, data: bytes) -> None:
         """Write atomically: readers see the old object or the whole new one, never a part."""
+
+    def put_file(self, key: str, path: Path) -> None:
+        """put() of a local file's bytes; stores that can stream a large file override this, which reads it whole."""
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise StorageError(f"{path}: cannot read: {e.strerror}") from None
+        self.put(key, data)
 
     @abstractmethod
     def put_if_absent(self, key: str, data: bytes) -> bool:

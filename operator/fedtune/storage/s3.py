@@ -7,9 +7,11 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
@@ -204,6 +206,22 @@ class S3Store(ObjectStore):
 
     def put(self, key: str, data: bytes) -> None:
         self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data))
+
+    def put_file(self, key: str, path: Path) -> None:
+        """A managed transfer: parts of a large file stream from disk, past the 5 GB limit of one PUT."""
+        if not path.is_file():
+            raise StorageError(f"{path}: not a file")
+
+        def go() -> None:
+            try:
+                self._client.upload_file(str(path), self.bucket, self._k(key))
+            except S3UploadFailedError as e:
+                # The transfer wraps the server's answer; unwrapped, it is retried or reported like any call's.
+                if isinstance(e.__context__, ClientError):
+                    raise e.__context__ from None
+                raise StorageError(f"{self.url(key)}: {e}") from None
+
+        self._call(key, go)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         def go() -> bool:

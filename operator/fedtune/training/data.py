@@ -211,19 +211,46 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def pack(examples: list[Example], block: int) -> list[Example]:
+    """The examples' tokens end to end (each text already ends with eos) cut into `block`-token pieces.
+
+    Every token is kept: only the last piece may be shorter. Loss is on every token, as for plain text.
+    """
+    if not examples:
+        return []
+    stream = np.concatenate([e.input_ids for e in examples])
+    return [Example(piece, piece) for piece in np.split(stream, range(block, len(stream), block))]
+
+
 def train_batches(
-    examples: list[Example], batch_size: int, steps: int, seed: str, pad_id: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """`steps` batches drawn epoch by epoch in an order seeded by (run, client, round)."""
+    examples: list[Example],
+    batch_size: int,
+    steps: int,
+    seed: str,
+    pad_id: int,
+    accumulation: int = 1,
+    shard: tuple[int, int] = (0, 1),
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """`steps` optimizer steps of `accumulation` micro-batches, drawn epoch by epoch in an order seeded by
+    (run, client, round); rank `shard[0]` of `shard[1]` gets its slice of every micro-batch.
+
+    The draw does not depend on how a step is cut, so k micro-batches of b see what one batch of k·b does.
+    """
+    rank, world = shard
     rng = random.Random(seed)
     order: list[int] = []
+    per_rank = batch_size // world
     for _ in range(steps):
-        if len(order) < batch_size:
-            more = list(range(len(examples)))
-            rng.shuffle(more)
-            order.extend(more)
-        picked, order = order[:batch_size], order[batch_size:]
-        yield collate([examples[i] for i in picked], pad_id)
+        micro = []
+        for _ in range(accumulation):
+            while len(order) < batch_size:
+                more = list(range(len(examples)))
+                rng.shuffle(more)
+                order.extend(more)
+            picked, order = order[:batch_size], order[batch_size:]
+            mine = picked[rank * per_rank : (rank + 1) * per_rank]
+            micro.append(collate([examples[i] for i in mine], pad_id))
+        yield micro
 
 
 def eval_batches(

@@ -1,0 +1,171 @@
+"""A model folder in an object store: pushed with a manifest of digests, fetched verified into a cache.
+
+The manifest is written last, so a reader never sees a half-pushed model. Its sha256 names the model:
+spec.model.sha256 pins it, and it names the cache folder, which appears (by rename) only once every
+file in it matched the manifest. The store is not trusted for integrity; the digests are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from fedtune.errors import FedtuneError
+from fedtune.storage import ObjectNotFound, ObjectStore, ObjectTooLarge, StorageError
+
+MANIFEST = "fedtune-model.json"
+# Room for thousands of file entries; a larger "manifest" is not one.
+MAX_MANIFEST_BYTES = 1 << 20
+_HEX = frozenset("0123456789abcdef")
+URI_FIELD = "spec.model.uri"
+PIN_FIELD = "spec.model.sha256"
+
+
+@dataclass(frozen=True)
+class Entry:
+    sha256: str
+    bytes: int
+
+
+def file_digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _model_files(folder: Path) -> Iterable[tuple[str, Path]]:
+    """(name in the store, local file) of every file to push; hidden files (tool caches) are not the model's."""
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and name != MANIFEST and not any(part.startswith(".") for part in name.split("/")):
+            yield name, path
+
+
+def push(folder: Path, store: ObjectStore) -> str:
+    """Upload every file of a save_pretrained folder, then the manifest; returns the manifest's sha256."""
+    if not (folder / "config.json").is_file():
+        raise FedtuneError(f"{folder}: no config.json: not a folder saved with save_pretrained")
+    entries: dict[str, dict[str, str | int]] = {}
+    for name, path in _model_files(folder):
+        try:
+            entries[name] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
+        except OSError as e:
+            raise FedtuneError(f"{path}: cannot read: {e.strerror}") from None
+        store.put_file(name, path)
+    manifest = json.dumps({"files": entries}, indent=1, sort_keys=True).encode()
+    store.put(MANIFEST, manifest)
+    return hashlib.sha256(manifest).hexdigest()
+
+
+def _safe_name(name: object) -> bool:
+    """A relative path that stays inside the folder it is written to."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name or name == MANIFEST:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def parse_manifest(data: bytes, where: str) -> dict[str, Entry]:
+    """The manifest's files; a FedtuneError naming `where` for anything else, so a writer of the prefix
+    cannot make a reader write outside its cache folder."""
+    try:
+        doc = json.loads(data)
+        files = doc["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("no files")
+        out: dict[str, Entry] = {}
+        for name, entry in files.items():
+            if not _safe_name(name):
+                raise ValueError(f"file name {str(name)[:80]!r} is not a relative path inside the folder")
+            digest, size = entry["sha256"], entry["bytes"]
+            if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX):
+                raise ValueError(f"{name}: sha256 is not 64 hex digits")
+            if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+                raise ValueError(f"{name}: bytes is not a size")
+            out[name] = Entry(digest, size)
+    except (ValueError, KeyError, TypeError) as e:
+        raise FedtuneError(f"{URI_FIELD}: {where} is not a model manifest of `fedtune model push`: {e}") from None
+    return out
+
+
+def read_manifest(store: ObjectStore, pin: str | None) -> tuple[bytes, str]:
+    """The manifest's bytes and sha256, checked against the pin."""
+    url = store.url(MANIFEST)
+    try:
+        data = store.get_at_most(MANIFEST, MAX_MANIFEST_BYTES)
+    except ObjectNotFound:
+        raise FedtuneError(f"{URI_FIELD}: {url} not found: push the model there with `fedtune model push`") from None
+    except ObjectTooLarge:
+        raise FedtuneError(f"{URI_FIELD}: {url} is larger than {MAX_MANIFEST_BYTES} bytes: not a manifest") from None
+    except StorageError as e:
+        raise FedtuneError(f"{URI_FIELD}: {e}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if pin is not None and digest != pin:
+        raise FedtuneError(
+            f"{PIN_FIELD}: the manifest at {url} has sha256 {digest}, not the pinned {pin} "
+            "(the model at the prefix was pushed again or replaced)"
+        )
+    return data, digest
+
+
+def fetch(store: ObjectStore, cache_root: Path, pin: str | None = None) -> Path:
+    """The verified local copy of the model at store: from the cache, or downloaded into it.
+
+    Racing processes each download into their own temporary folder; the first rename wins and the
+    others use its copy.
+    """
+    data, digest = read_manifest(store, pin)
+    files = parse_manifest(data, store.url(MANIFEST))
+    final = cache_root / digest
+    if final.is_dir():
+        return final
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{digest[:16]}-", suffix=".partial"))
+    except OSError as e:
+        raise FedtuneError(f"{URI_FIELD}: cannot write the model cache {cache_root}: {e.strerror}") from None
+    try:
+        for name, entry in files.items():
+            _download(store, name, entry, partial / name)
+        (partial / MANIFEST).write_bytes(data)
+        try:
+            partial.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    except OSError as e:
+        raise FedtuneError(f"{URI_FIELD}: cannot write the model cache {cache_root}: {e.strerror}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return final
+
+
+def _download(store: ObjectStore, name: str, entry: Entry, dest: Path) -> None:
+    """Stream one object to dest, never holding more of it than the manifest says it has."""
+    url = store.url(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    h, size = hashlib.sha256(), 0
+    try:
+        with dest.open("wb") as out:
+            for chunk in store.chunks(name):
+                size += len(chunk)
+                if size > entry.bytes:
+                    break
+                h.update(chunk)
+                out.write(chunk)
+    except ObjectNotFound:
+        raise FedtuneError(f"{URI_FIELD}: {url}, named in the manifest, not found") from None
+    except StorageError as e:
+        raise FedtuneError(f"{URI_FIELD}: {e}") from None
+    if size != entry.bytes:
+        got = f"more than {entry.bytes}" if size > entry.bytes else str(size)
+        wrong = f"{got} bytes, the manifest says {entry.bytes}"
+    elif h.hexdigest() != entry.sha256:
+        wrong = f"sha256 {h.hexdigest()}, the manifest says {entry.sha256}"
+    else:
+        return
+    raise FedtuneError(f"{URI_FIELD}: {url} does not match the manifest ({wrong}): it was changed after the push")
