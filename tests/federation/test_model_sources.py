@@ -168,7 +168,7 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 
 
 def uri_spec(uri: str, server: S3Server, sha256: str | None = None, endpoint: str | None = None) -> Any:
-    model = {"uri": uri, **({"sha256": sha256} if sha256 else {})}
+    model = {"uri": uri, "sha256": sha256 or "0" * 64}
     return parse_resource(with_model(Path("/unused"), model, storage={"endpoint": endpoint or server.endpoint})).spec
 
 
@@ -217,6 +217,30 @@ def test_every_party_reads_the_model_under_the_runs_bucket_policy(
     assert (fetched / "extra.bin").read_bytes() == (tmp_path / "big" / "extra.bin").read_bytes()
     with pytest.raises(ClientError, match="AccessDenied"):
         s3_env.client(*client).list_objects_v2(Bucket=s3_bucket, Prefix="models/")
+
+
+def test_a_copy_planted_in_a_shared_cache_is_never_loaded(
+    saved: tuple[Path, dict[str, torch.Tensor]], s3_env: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Whoever else mounts the cache may write it: a cached copy is checked against the pinned manifest
+    on every load, and one that does not match (a link elsewhere, a changed file) is replaced."""
+    folder, _ = saved
+    uri = f"s3://{s3_bucket}/models/tiny"
+    digest = push(folder, uri, s3_env)
+    store, cache = open_store(uri, endpoint=s3_env.endpoint), tmp_path / "cache"
+    genuine = (folder / "config.json").read_bytes()
+    planted = tmp_path / "planted"
+    shutil.copytree(folder, planted)
+    (planted / "config.json").write_text("{}")
+    cache.mkdir()
+    (cache / digest).symlink_to(planted)
+    fetched = model_store.fetch(store, cache, digest)
+    assert not fetched.is_symlink() and (fetched / "config.json").read_bytes() == genuine
+    assert (planted / "config.json").read_text() == "{}"  # the link was replaced, not followed
+    (fetched / "config.json").write_text("{}")
+    fetched = model_store.fetch(store, cache, digest)
+    assert (fetched / "config.json").read_bytes() == genuine
+    assert sorted(p.name for p in cache.iterdir()) == [digest]
 
 
 def test_a_tampered_file_leaves_no_cached_copy(

@@ -106,6 +106,10 @@ def test_gpus_are_requested_and_limited_equally() -> None:
     cpu = client_job(res, "cpu")["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert "nvidia.com/gpu" not in cpu["limits"] and "nvidia.com/gpu" not in cpu["requests"]
     assert builders.requested_gpus(res) == 4
+    # The ranks of a multi-GPU client need more shared memory than a container's default 64 MiB.
+    shm = [v for v in client_job(res, "big")["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm"]
+    assert shm == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    assert all(v["name"] != "dshm" for v in client_job(res, "cpu")["spec"]["template"]["spec"]["volumes"])
 
 
 def test_node_selector_tolerations_and_affinity_are_passed_through() -> None:
@@ -306,9 +310,14 @@ def test_a_model_volume_is_mounted_read_only_and_read_offline() -> None:
         assert "HF_TOKEN" not in env and "FEDTUNE_MODEL_CACHE" not in env
 
 
+PIN = "0" * 64
+
+
 def test_a_uri_model_gets_a_writable_cache_volume() -> None:
-    default = run(model={"uri": "s3://fedtune/models/llama/"})
-    shared = run(model={"uri": "s3://fedtune/models/llama/", "cache": {"hostPath": {"path": "/var/models"}}})
+    default = run(model={"uri": "s3://fedtune/models/llama/", "sha256": PIN})
+    shared = run(
+        model={"uri": "s3://fedtune/models/llama/", "sha256": PIN, "cache": {"hostPath": {"path": "/var/models"}}}
+    )
     for res, source in ((default, {"emptyDir": {}}), (shared, {"hostPath": {"path": "/var/models"}})):
         for job in jobs(res):
             volume, mount = _mounted(job, "model-cache")

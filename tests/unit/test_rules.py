@@ -29,13 +29,18 @@ def client(**fields: Any) -> list[dict[str, Any]]:
 # (model, the rule's field, a spec that breaks only that rule, the field path the error names)
 BROKEN: list[tuple[str, str, dict[str, Any], str]] = [
     ("ModelSpec", "", {"model": {"name": "m", "config": {"a": 1}}}, "spec.model"),
-    ("ModelSpec", "", {"model": {"uri": "s3://b/models/m/", "path": "m"}}, "spec.model"),
+    ("ModelSpec", "", {"model": {"uri": "s3://b/models/m/", "sha256": "0" * 64, "path": "m"}}, "spec.model"),
     ("ModelSpec", "volume", {"model": {"name": "m", "volume": {"emptyDir": {}}}}, "spec.model.volume"),
     ("ModelSpec", "tokenSecretRef", {"model": {"path": "m", "tokenSecretRef": "hf"}}, "spec.model.tokenSecretRef"),
-    ("ModelSpec", "revision", {"model": {"uri": "s3://b/m/", "revision": "main"}}, "spec.model.revision"),
+    (
+        "ModelSpec",
+        "revision",
+        {"model": {"uri": "s3://b/m/", "sha256": "0" * 64, "revision": "main"}},
+        "spec.model.revision",
+    ),
     ("ModelSpec", "sha256", {"model": {"name": "m", "sha256": "0" * 64}}, "spec.model.sha256"),
     ("ModelSpec", "cache", {"model": {"path": "m", "cache": {"emptyDir": {}}}}, "spec.model.cache"),
-    ("ModelSpec", "uri", {"model": {"uri": "gs://b/models/m/"}}, "spec.model.uri"),
+    ("ModelSpec", "uri", {"model": {"uri": "gs://b/models/m/", "sha256": "0" * 64}}, "spec.model.uri"),
     (
         "PeftSpec",
         "feedforwardModules",

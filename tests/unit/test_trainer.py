@@ -13,6 +13,7 @@ import torch
 from fedtune.api import FederatedFineTuneSpec, parse_resource
 from fedtune.api.spec import DataSpec, LrSchedule, TrainingSpec
 from fedtune.errors import FedtuneError
+from fedtune.federation import client as client_module
 from fedtune.federation import optimizer_state
 from fedtune.federation import protocol as p
 from fedtune.federation.client import Client
@@ -201,3 +202,24 @@ def test_a_batch_that_does_not_split_across_the_gpus_is_refused_naming_the_field
     check_batch(8, 4)
     with pytest.raises(FedtuneError, match=r"^training\.batchSize: 6 does not split evenly across 4 GPUs$"):
         check_batch(6, 4)
+
+
+def test_a_failed_round_does_not_advance_the_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 2 after one failed round trains at round 1's rates: the run's last rounds do not train at zero."""
+    write_data(tmp_path)
+    spec = tiny_spec(tmp_path, lrSchedule="cosine")
+    fed = Federation(spec, "failed")
+    fed.next_global()
+    fed.agg.failed_total = 1  # round 1 failed: its global is round 0's, kept
+    gm = fed.next_global()
+    assert (gm.round, gm.failed) == (2, 1)
+    rates: list[float] = []
+    real_train = client_module.train
+
+    def spy(model: Any, steps: Any, options: Options, kept: Any = None) -> Any:
+        rates.append(options.rate(0))
+        return real_train(model, steps, options, kept)
+
+    monkeypatch.setattr(client_module, "train", spy)
+    fed.train(gm)
+    assert rates == [learning_rate(spec.training, spec.aggregation.rounds, 1, 0)]

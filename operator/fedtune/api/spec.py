@@ -99,8 +99,8 @@ class ModelSpec(SpecModel):
     sha256: str | None = Field(
         None,
         pattern=r"^[0-9a-f]{64}$",
-        description="sha256 of the manifest `fedtune model push` printed: pins uri's model, so whoever can write "
-        "the prefix cannot swap it.",
+        description="sha256 of the manifest `fedtune model push` printed; required with uri: pins uri's model, so "
+        "whoever can write the prefix cannot swap it.",
     )
     path: str | None = Field(
         None,
@@ -170,9 +170,10 @@ class ModelSpec(SpecModel):
         ),
         Rule["ModelSpec"](
             field="sha256",
-            message="sha256 pins a model pushed to uri: set uri with it",
-            cel="!has(self.sha256) || has(self.uri)",
-            find=lambda m: unless(m.sha256 is None or m.uri is not None),
+            message="uri and sha256 go together: sha256 (printed by `fedtune model push`) pins the model at uri, "
+            "so whoever can write that prefix cannot swap it",
+            cel="has(self.sha256) == has(self.uri)",
+            find=lambda m: unless((m.sha256 is None) == (m.uri is None)),
         ),
         Rule["ModelSpec"](
             field="cache",

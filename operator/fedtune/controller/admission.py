@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from typing import Any
 
 from fedtune.api.spec import CREDENTIALS_LABEL, FederatedFineTune
 from fedtune.controller.kube import Credentials
@@ -28,18 +29,31 @@ def allowed_images() -> list[str]:
     return os.environ.get("FEDTUNE_ALLOWED_IMAGES", "").replace(",", " ").split()
 
 
-# Volume kinds that would mount Secrets, or the pod's own identity, past the credentials label: a model
-# volume holds files, not credentials.
-CREDENTIAL_VOLUMES = ("secret", "projected", "configMap", "downwardAPI")
+# The volume kinds a model (or its download cache) may live on: storage, not credentials. Any other kind
+# (secret, projected, configMap, downwardAPI, or a driver given a Secret) could mount objects past the
+# credentials label. hostPath stays for single-node and test clusters; restricted Pod Security refuses it.
+MODEL_VOLUMES = ("persistentVolumeClaim", "ephemeral", "emptyDir", "nfs", "image", "csi", "hostPath")
+SECRETS_STORE_DRIVER = "secrets-store.csi.k8s.io"
+
+
+def model_volume_problem(source: dict[str, Any]) -> str | None:
+    """Why a volume source cannot hold the model, or None."""
+    kinds = [k for k in source if k != "name"]
+    if len(kinds) != 1 or kinds[0] not in MODEL_VOLUMES:
+        return f"a {'/'.join(kinds) or 'empty'} volume cannot hold the model (allowed: {', '.join(MODEL_VOLUMES)})"
+    csi = source.get("csi") or {}
+    if "nodePublishSecretRef" in csi or csi.get("driver") == SECRETS_STORE_DRIVER:
+        return "a csi volume that reads Secrets cannot hold the model"
+    return None
 
 
 def credential_volume(res: FederatedFineTune) -> tuple[str, str] | None:
-    """(field, kind) of a model volume that would mount credentials or cluster objects, or None."""
+    """(field, why) for a model volume that could mount credentials or cluster objects, or None."""
     m = res.spec.model
     for field, source in (("spec.model.volume", m.volume), ("spec.model.cache", m.cache)):
-        kind = next((k for k in CREDENTIAL_VOLUMES if k in (source or {})), None)
-        if kind:
-            return field, kind
+        problem = model_volume_problem(source) if source is not None else None
+        if problem:
+            return field, problem
     return None
 
 
@@ -54,11 +68,8 @@ def admission(res: FederatedFineTune, secrets: dict[str, Credentials]) -> tuple[
         )
     found_volume = credential_volume(res)
     if found_volume:
-        field, kind = found_volume
-        return "VolumeNotAllowed", (
-            f"{field}: a {kind} volume cannot hold the model (it would mount objects past the "
-            f"{CREDENTIALS_LABEL} label); use a persistentVolumeClaim, csi, nfs or ephemeral volume"
-        )
+        field, problem = found_volume
+        return "VolumeNotAllowed", f"{field}: {problem}: it could mount objects past the {CREDENTIALS_LABEL} label"
     for path, name in spec.secret_refs():
         found = secrets.get(name)
         if found is None:

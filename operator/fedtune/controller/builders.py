@@ -188,6 +188,9 @@ def _pod(res: FederatedFineTune, party_name: str, party: PartySpec, args: list[s
     env += model_env
     volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}, *(v for v, _ in mounted), *model_volumes]
     mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"}, *(m for _, m in mounted), *model_mounts]
+    if party.resources.gpus > 1:  # the ranks of a multi-GPU client share tensors through /dev/shm (NCCL)
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     storage = storage_secret(res, party)
     pod: Manifest = {
         "restartPolicy": "Never",

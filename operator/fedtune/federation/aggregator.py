@@ -231,6 +231,7 @@ class Aggregator:
             final=final,
             server_state_sha256=state_sha,
             epoch=self.lease.epoch,
+            failed=self.failed_total,
             created=time.time(),
         )
         self.lease.check()

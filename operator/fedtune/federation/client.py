@@ -135,7 +135,7 @@ class Client:
             (self.group.rank, self.group.world),
         )
         options = Options(
-            rate=partial(learning_rate, t, agg.rounds, gm.round),
+            rate=partial(learning_rate, t, agg.rounds, gm.round - gm.failed),  # failed rounds trained nothing
             weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm,
             proximal_mu=agg.proximal_mu if agg.strategy == StrategyName.FEDPROX else 0.0,
@@ -167,8 +167,8 @@ class Client:
                 seconds=time.time() - started,
             ),
         )
-        self.ledger.commit_own(p.update_marker(gm.round, self.name), marker, p.UpdateMarker)
-        if t.keep_optimizer_state:
+        committed = self.ledger.commit_own(p.update_marker(gm.round, self.name), marker, p.UpdateMarker)
+        if t.keep_optimizer_state and committed:  # moments of an update that lost a race belong to no round
             optimizer_state.keep(self.ledger, self.name, gm.round, digest, trained.moments)
         if not self.spec.privacy.enabled:  # under DP no metric carries one client's un-noised loss
             metrics.CLIENT_TRAIN_LOSS.labels(*self.labels).set(trained.loss)

@@ -125,6 +125,7 @@ class GlobalMarker(Record):
     final: bool = False
     server_state_sha256: Digest | None = None
     epoch: Count = Field(description="The aggregator lease this marker was committed under.")
+    failed: Count = Field(0, description="Rounds that failed before this one: round - failed rounds have trained.")
     created: float
 
 

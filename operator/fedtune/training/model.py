@@ -46,11 +46,18 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def attention(name: str) -> str:
-    """spec.model.attention as transformers' attn_implementation: auto is flash_attention_2 where it can run."""
+def attention(name: str, dtype: torch.dtype) -> str:
+    """spec.model.attention as transformers' attn_implementation: auto is flash_attention_2 where it can run
+    (flash-attn installed, a half-precision base, an Ampere or newer GPU)."""
     cuda = torch.cuda.is_available()
     if name == "auto":
-        return "flash_attention_2" if cuda and _installed("flash_attn") else "sdpa"
+        flash = (
+            cuda
+            and _installed("flash_attn")
+            and dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability()[0] >= 8
+        )
+        return "flash_attention_2" if flash else "sdpa"
     if name == "flash_attention_2" and not (cuda and _installed("flash_attn")):
         missing = "a CUDA GPU" if not cuda else "the flash-attn package"
         raise FedtuneError(f"spec.model.attention: flash_attention_2 needs {missing}, which this machine lacks")
@@ -121,7 +128,11 @@ def build_base_model(spec: FederatedFineTuneSpec, vocab_size: int) -> Any:
     """
     m = spec.model
     dtype = base_dtype(m.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention(m.attention), **_quantization(spec)}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": attention(m.attention, dtype),
+        **_quantization(spec),
+    }
     source = resolve_model(spec)
     if source is not None:
         return _pretrained(source.location, **source.kwargs(), **kwargs)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -22,6 +24,8 @@ MANIFEST = "fedtune-model.json"
 # Room for thousands of file entries; a larger "manifest" is not one.
 MAX_MANIFEST_BYTES = 1 << 20
 _HEX = frozenset("0123456789abcdef")
+log = logging.getLogger("fedtune.model")
+
 URI_FIELD = "spec.model.uri"
 PIN_FIELD = "spec.model.sha256"
 
@@ -121,8 +125,13 @@ def fetch(store: ObjectStore, cache_root: Path, pin: str | None = None) -> Path:
     data, digest = read_manifest(store, pin)
     files = parse_manifest(data, store.url(MANIFEST))
     final = cache_root / digest
-    if final.is_dir():
-        return final
+    if final.is_dir() or final.is_symlink():
+        problem = cached_problem(final, files)
+        if problem is None:
+            return final
+        # The cache may be shared with other pods: a copy that does not match is never loaded, only replaced.
+        log.warning("%s: the cached copy %s %s: downloading it again", URI_FIELD, final, problem)
+        _discard(final, cache_root)
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{digest[:16]}-", suffix=".partial"))
@@ -144,6 +153,43 @@ def fetch(store: ObjectStore, cache_root: Path, pin: str | None = None) -> Path:
     return final
 
 
+def cached_problem(folder: Path, files: dict[str, Entry]) -> str | None:
+    """What is wrong with a cached copy (a link, a missing or changed file), or None: checked on every load,
+    since whoever else mounts the cache could have written it."""
+    if folder.is_symlink():
+        return "is a symbolic link"
+    for name, entry in files.items():
+        path = folder / name
+        if any(part.is_symlink() for part in (path, *path.parents) if folder in part.parents or part == path):
+            return f"has a symbolic link at {name}"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return f"lacks {name}"
+        if size != entry.bytes or _file_sha256(path) != entry.sha256:
+            return f"has a changed {name}"
+    return None
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _discard(final: Path, cache_root: Path) -> None:
+    """Move a bad cached copy aside (a rename, so no reader sees it half removed), then remove it."""
+    aside = Path(tempfile.mkdtemp(dir=cache_root, prefix=".discarded-"))
+    try:
+        final.rename(aside / "copy")
+    except OSError as e:
+        raise FedtuneError(f"spec.model.cache: cannot replace the bad cached copy {final}: {e.strerror}") from None
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _download(store: ObjectStore, name: str, entry: Entry, dest: Path) -> None:
     """Stream one object to dest, never holding more of it than the manifest says it has."""
     url = store.url(name)
@@ -157,6 +203,8 @@ def _download(store: ObjectStore, name: str, entry: Entry, dest: Path) -> None:
                     break
                 h.update(chunk)
                 out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename makes it the cached copy
     except ObjectNotFound:
         raise FedtuneError(f"{URI_FIELD}: {url}, named in the manifest, not found") from None
     except StorageError as e:

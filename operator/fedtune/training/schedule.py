@@ -1,7 +1,7 @@
 """The learning rate at each optimizer step of the whole run, so a schedule continues across rounds.
 
 Rounds count from 0: local step i of round r is global step r × localSteps + i, of rounds × localSteps.
-A round numbered past the last (after failed rounds) trains at the schedule's final rate.
+Round r is counted in rounds that trained: a failed round (global kept, round retried) does not advance it.
 """
 
 from __future__ import annotations
