@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import shutil
 import socket
@@ -27,8 +28,9 @@ from fedtune.federation.policy import bucket_policy
 from fedtune.local.runner import LocalRun, resolve_paths
 from fedtune.storage import open_store
 from fedtune.training import model_store
+from fedtune.training.adapter_only import build_adapter_only
 from fedtune.training.data import Record, tokenize
-from fedtune.training.model import build_base_model
+from fedtune.training.model import adapter_state, build_base_model
 from fedtune.training.sources import resolve_model
 from fedtune.training.tokenizer import BYTE_CHAT_TEMPLATE, build_tokenizer, byte_tokenizer
 from tests.cluster.harness.s3 import S3Server
@@ -187,7 +189,9 @@ def test_a_pushed_model_runs_from_s3_pinned_and_is_downloaded_once(
 
     spec_file = short_run(tmp_path, {"uri": uri, "sha256": digest}, storage={"endpoint": s3_env.endpoint})
     run_to_success(spec_file, tmp_path)
-    assert sorted(p.name for p in offline.iterdir()) == [digest]  # one verified copy, no partial folder left
+    # One verified copy, and the config and tokenizer alone (the aggregator's); no partial folder left.
+    assert sorted(p.name for p in offline.iterdir()) == [digest, f"{digest}-config"]
+    assert not any(name.endswith(".safetensors") for name in os.listdir(offline / f"{digest}-config"))
     spec = spec_of(spec_file)
     assert_same_weights(spec, weights)
     assert build_tokenizer(spec).chat_template == BYTE_CHAT_TEMPLATE
@@ -197,6 +201,20 @@ def test_a_pushed_model_runs_from_s3_pinned_and_is_downloaded_once(
         s3.delete_object(Bucket=s3_bucket, Key=f"models/tiny/{name}")
     source = resolve_model(spec)
     assert source is not None and source.location == str(offline / digest) and source.local_files_only
+
+
+def test_the_aggregator_downloads_no_weights(
+    saved: tuple[Path, dict[str, torch.Tensor]], s3_env: S3Server, s3_bucket: str, offline: Path
+) -> None:
+    """It builds the adapter from the config alone: a model's gigabytes of weights stay in the bucket."""
+    folder, _ = saved
+    uri = f"s3://{s3_bucket}/models/tiny"
+    digest = push(folder, uri, s3_env)
+    spec = uri_spec(uri, s3_env, digest)
+    model = build_adapter_only(spec, len(build_tokenizer(spec)))
+    assert adapter_state(model)
+    assert os.listdir(offline) == [f"{digest}-config"]
+    assert "model.safetensors" not in os.listdir(offline / f"{digest}-config")
 
 
 def test_every_party_reads_the_model_under_the_runs_bucket_policy(
@@ -220,7 +238,11 @@ def test_every_party_reads_the_model_under_the_runs_bucket_policy(
 
 
 def test_a_copy_planted_in_a_shared_cache_is_never_loaded(
-    saved: tuple[Path, dict[str, torch.Tensor]], s3_env: S3Server, s3_bucket: str, tmp_path: Path
+    saved: tuple[Path, dict[str, torch.Tensor]],
+    s3_env: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Whoever else mounts the cache may write it: a cached copy is checked against the pinned manifest
     on every load, and one that does not match (a link elsewhere, a changed file) is replaced."""
@@ -238,6 +260,7 @@ def test_a_copy_planted_in_a_shared_cache_is_never_loaded(
     assert not fetched.is_symlink() and (fetched / "config.json").read_bytes() == genuine
     assert (planted / "config.json").read_text() == "{}"  # the link was replaced, not followed
     (fetched / "config.json").write_text("{}")
+    monkeypatch.setattr(model_store, "_checked", set())  # as a new process: it has checked nothing yet
     fetched = model_store.fetch(store, cache, digest)
     assert (fetched / "config.json").read_bytes() == genuine
     assert sorted(p.name for p in cache.iterdir()) == [digest]

@@ -68,7 +68,10 @@ def test_every_party_reads_a_model_pushed_to_the_runs_bucket(tmp_path: Path) -> 
 
 def test_a_model_prefix_overlapping_the_run_is_refused() -> None:
     for uri in ("s3://fedtune/", "s3://fedtune/runs", "s3://fedtune/runs/r/clients/a/model"):
-        with pytest.raises(FedtuneError, match=re.escape(f"spec.model.uri: {uri} overlaps the run root")):
+        with pytest.raises(FedtuneError, match=re.escape(f"spec.model.uri: {uri} overlaps the runs at s3://fedtune/")):
             bucket_policy("s3://fedtune/runs/r", "agg", {"a": "a"}, uri)
+    # Inside another run of the same store: this run's parties would read that run's objects.
+    with pytest.raises(FedtuneError, match=re.escape("overlaps the runs at s3://fedtune/runs;")):
+        bucket_policy("s3://fedtune/runs/r", "agg", {"a": "a"}, "s3://fedtune/runs/other/model", "s3://fedtune/runs")
     other_bucket = bucket_policy("s3://fedtune/runs/r", "agg", {"a": "a"}, "s3://models/tiny")
     assert "EveryPartyReadsModel" not in {s["Sid"] for s in other_bucket["Statement"]}

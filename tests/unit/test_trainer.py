@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from itertools import pairwise
 from pathlib import Path
@@ -20,7 +21,7 @@ from fedtune.federation.client import Client
 from fedtune.federation.signing import client_party
 from fedtune.storage.memory import MemoryStore
 from fedtune.training import data as d
-from fedtune.training.distributed import check_batch
+from fedtune.training.distributed import check_batch, check_devices
 from fedtune.training.model import adapter_state, build_model, load_adapter
 from fedtune.training.schedule import learning_rate, lr_factor
 from fedtune.training.tokenizer import build_tokenizer
@@ -200,7 +201,7 @@ def test_gradient_checkpointing_trains_to_the_same_adapter(spec: FederatedFineTu
 
 def test_a_batch_that_does_not_split_across_the_gpus_is_refused_naming_the_field() -> None:
     check_batch(8, 4)
-    with pytest.raises(FedtuneError, match=r"^training\.batchSize: 6 does not split evenly across 4 GPUs$"):
+    with pytest.raises(FedtuneError, match=r"^spec\.training\.batchSize: 6 does not split evenly across 4 GPUs$"):
         check_batch(6, 4)
 
 
@@ -223,3 +224,30 @@ def test_a_failed_round_does_not_advance_the_schedule(tmp_path: Path, monkeypatc
     monkeypatch.setattr(client_module, "train", spy)
     fed.train(gm)
     assert rates == [learning_rate(spec.training, spec.aggregation.rounds, 1, 0)]
+
+
+def test_packing_keeps_the_tail_of_a_long_text_and_eval_stays_cut(tmp_path: Path) -> None:
+    write_data(tmp_path)
+    long_text = "a long clinical note " * 20  # 420 bytes: many 48-token blocks
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": long_text}) + "\n")
+    doc = tiny_resource(tmp_path, training={"packing": True})
+    doc["spec"]["clients"][0]["data"] = {"uri": str(tmp_path / "long.jsonl"), "evalUri": str(tmp_path / "long.jsonl")}
+    spec = parse_resource(doc).spec
+    name = spec.clients[0].name
+    client = Client(Parties(spec).client(MemoryStore("packing", "run"), name), spec, name)
+    every = client.tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    tokens = [t for e in client.train_set for t in e.input_ids.tolist()]
+    assert len(client.train_set) > 1 and all(len(e.input_ids) <= 48 for e in client.train_set)
+    assert any(tokens[i : i + len(every)] == every for i in range(len(tokens)))  # all of it, tail included
+    [held] = client.eval_set
+    assert held.input_ids.tolist() == tokens[:48]  # eval is cut, not packed
+
+
+def test_more_gpus_than_the_machine_has_is_refused_naming_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(
+        FedtuneError, match=r"^spec\.clients\[2\]\.resources\.gpus: 4 GPUs asked for, this machine has 1$"
+    ):
+        check_devices(4, "spec.clients[2].resources.gpus")
+    check_devices(1, "spec.clients[2].resources.gpus")

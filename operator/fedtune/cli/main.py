@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from fedtune.errors import FedtuneError
+from fedtune.local.report import BASELINES, Mode
 
 app = typer.Typer(
     name="fedtune",
@@ -101,6 +102,52 @@ def run(
     LocalRun(spec, output=output, fresh=fresh).run(live=live)
 
 
+@app.command()
+@friendly
+def baseline(
+    spec: SpecFile,
+    mode: Annotated[
+        Mode,
+        typer.Option(
+            help="local: one adapter per client on its own data; centralized: one "
+            "adapter on all clients' training data pooled."
+        ),
+    ],
+    output: Annotated[
+        Path | None, typer.Option(help="Folder for runs (default: spec.storage.uri, ./fedtune-runs).")
+    ] = None,
+) -> None:
+    """Train what the run's data gives without federating, for as many optimizer steps, and write it beside
+    the run (<run folder>/baselines/MODE/): `fedtune run` then compares each client's eval loss.
+
+    The federation takes rounds × clientsPerRound × localSteps client steps; centralized takes that many on
+    the pooled training splits, local rounds × localSteps per client (the steps of a client selected every
+    round). Both score the run's held-out examples. For data that may be pooled, or at least read by one
+    process: centralized reads every client's data here.
+    """
+    _logging()
+    from fedtune.api import load_resource
+    from fedtune.federation.records import Ledger
+    from fedtune.federation.run_config import RunConfig
+    from fedtune.local.baseline import Baseline
+    from fedtune.local.identities import CONFIG
+    from fedtune.local.report import baseline_table
+    from fedtune.local.runner import resolve_paths, run_folder, run_root
+
+    resource = load_resource(spec)
+    store = run_root(resource, output)
+    folder = run_folder(store, output, resource.metadata.name)
+    summary = Baseline(resolve_paths(resource.spec, spec.parent)).run(mode, folder)
+    for client, loss in summary.client_eval_loss.items():
+        typer.echo(f"{client}: eval_loss={loss:.4f} ({summary.client_steps[client]} steps)")
+    typer.echo(f"{summary.steps} optimizer steps; {folder / BASELINES / mode}")
+    if (folder / CONFIG).is_dir():  # the federated run is here too: compare
+        ledger = Ledger(store, RunConfig.load(folder / CONFIG).trust)
+        table = baseline_table(ledger, folder) if ledger.final() else None
+        if table is not None:
+            Console().print(table)
+
+
 ConfigDir = Annotated[
     Path,
     typer.Option(
@@ -176,8 +223,9 @@ def client(
     cfg = RunConfig.load(config)
     signer = cfg.client_signer(name, signing_key)
     spec = cfg.resource.spec
-    gpus = next((c.resources.gpus for c in spec.clients if c.name == name), 0)
+    index, gpus = next(((i, c.resources.gpus) for i, c in enumerate(spec.clients) if c.name == name), (0, 0))
     if gpus > 1 and not distributed.is_worker():
+        distributed.check_devices(gpus, f"spec.clients[{index}].resources.gpus")
         distributed.check_batch(spec.training.batch_size, gpus)
         distributed.relaunch(gpus)
     ledger = Ledger(open_store(run_root, endpoint=spec.storage.endpoint), cfg.trust, signer)
@@ -315,7 +363,11 @@ def policy(
         res.metadata.uid = uid
         run_root = k8s_run_root(res)
     aggregator_account = names.pop("aggregator")
-    typer.echo(json.dumps(bucket_policy(run_root, aggregator_account, names, res.spec.model.uri), indent=2))
+    typer.echo(
+        json.dumps(
+            bucket_policy(run_root, aggregator_account, names, res.spec.model.uri, res.spec.storage.uri), indent=2
+        )
+    )
 
 
 @app.command()

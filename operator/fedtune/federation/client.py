@@ -12,6 +12,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
+
+import torch
 
 from fedtune import metrics
 from fedtune.aggregation.encoding import encode, load_state
@@ -32,6 +35,71 @@ from fedtune.training.tokenizer import build_tokenizer
 from fedtune.training.trainer import Options, autocast_dtype, enable_checkpointing, evaluate, train
 
 log = logging.getLogger("fedtune.client")
+
+
+def load_splits(
+    spec: FederatedFineTuneSpec, name: str, tokenizer: Any, credentials: tuple[str, str] | None = None
+) -> tuple[list[d.Example], list[d.Example]]:
+    """A client's training and held-out examples; the split is seeded by the run, so whoever computes it
+    (the client, a baseline) scores on the very same held-out examples."""
+    index = [c.name for c in spec.clients].index(name)
+    cs = spec.clients[index]
+    where = f"spec.clients[{index}].data"
+    max_len = spec.training.max_length
+    packing = spec.training.packing
+
+    def load(uri: str, field: str, cut: int | None) -> list[d.Example]:
+        records = d.read_jsonl(uri, cs.data, f"{where}.{field}", spec.storage.endpoint, credentials)
+        return d.tokenize(records, cs.data, tokenizer, cut, where)
+
+    # Packed, a long text runs on into the next blocks instead of losing its tail; eval is never packed.
+    examples = load(cs.data.uri, "uri", None if packing else max_len)
+    if cs.data.eval_uri:
+        train, held = examples, load(cs.data.eval_uri, "evalUri", max_len)
+    else:
+        train, held = d.split(examples, cs.data.eval_fraction, spec.seed)
+        held = d.truncate(held, max_len) if packing else held
+    return (d.pack(train, max_len) if packing else train), held
+
+
+def trainable_model(spec: FederatedFineTuneSpec, tokenizer: Any) -> Any:
+    """The base with the run's seeded adapter (the round-0 global), set up for training as spec.training says."""
+    model = build_model(spec, tokenizer)
+    if spec.training.gradient_checkpointing:
+        enable_checkpointing(model)
+    return model
+
+
+def held_out_loss(
+    model: Any,
+    spec: FederatedFineTuneSpec,
+    examples: list[d.Example],
+    pad_id: int,
+    autocast: torch.dtype | None = None,
+    group: Group | None = None,
+) -> tuple[float, int]:
+    """Mean per-token loss, and scored tokens, on the first spec.training.evalBatches batches of `examples`."""
+    t = spec.training
+    return evaluate(model, d.eval_batches(examples, t.batch_size, t.eval_batches, pad_id), autocast, group)
+
+
+def local_options(
+    spec: FederatedFineTuneSpec,
+    rate: Callable[[int], float],
+    autocast: torch.dtype | None,
+    group: Group | None = None,
+    proximal_mu: float = 0.0,
+) -> Options:
+    """AdamW's settings from spec.training, so every trainer of a run (client, baseline) steps alike."""
+    t = spec.training
+    return Options(
+        rate=rate,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        proximal_mu=proximal_mu,
+        autocast=autocast,
+        group=group or Group(),
+    )
 
 
 @dataclass(frozen=True)
@@ -67,44 +135,20 @@ class Client:
         if name not in names:
             raise FedtuneError(f"client {name!r} is not in spec.clients ({', '.join(names)})")
         check_batch(spec.training.batch_size, self.group.world)
-        self.index = names.index(name)
-        self.data_credentials = data_credentials
         self.tokenizer = build_tokenizer(self.spec)
-        self.train_set, self.eval_set = self._load_data()
-        if spec.training.packing:
-            self.train_set = d.pack(self.train_set, spec.training.max_length)
-        self.model = build_model(self.spec, self.tokenizer)
-        if spec.training.gradient_checkpointing:
-            enable_checkpointing(self.model)
+        self.train_set, self.eval_set = load_splits(spec, name, self.tokenizer, data_credentials)
+        self.model = trainable_model(spec, self.tokenizer)
         self.trainable = trainable_keys(self.model)
         self.wrapped = self.group.wrap(self.model)
         self.autocast = autocast_dtype(base_dtype(spec.model.dtype))
         self.last_trained: int | None = None  # the last round this process trained (None: look it up)
-
-    def _load_data(self) -> tuple[list[d.Example], list[d.Example]]:
-        cs = self.spec.client(self.name)
-        where = f"spec.clients[{self.index}].data"
-        endpoint = self.spec.storage.endpoint
-        max_len = self.spec.training.max_length
-        creds = self.data_credentials
-
-        def load(uri: str, field: str) -> list[d.Example]:
-            records = d.read_jsonl(uri, cs.data, f"{where}.{field}", endpoint, creds)
-            return d.tokenize(records, cs.data, self.tokenizer, max_len, where)
-
-        examples = load(cs.data.uri, "uri")
-        if cs.data.eval_uri:
-            return examples, load(cs.data.eval_uri, "evalUri")
-        return d.split(examples, cs.data.eval_fraction, self.spec.seed)
 
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
     def _evaluate(self) -> tuple[float, int]:
-        t = self.spec.training
-        batches = d.eval_batches(self.eval_set, t.batch_size, t.eval_batches, self.pad_id)
-        return evaluate(self.model, batches, self.autocast, self.group)
+        return held_out_loss(self.model, self.spec, self.eval_set, self.pad_id, self.autocast, self.group)
 
     def prepare(self, gm: p.GlobalMarker, train: bool) -> Task:
         """The global's state, and under keepOptimizerState the moments of this client's last training."""
@@ -134,13 +178,12 @@ class Client:
             t.gradient_accumulation,
             (self.group.rank, self.group.world),
         )
-        options = Options(
-            rate=partial(learning_rate, t, agg.rounds, gm.round - gm.failed),  # failed rounds trained nothing
-            weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm,
+        options = local_options(
+            self.spec,
+            partial(learning_rate, t, agg.rounds, gm.round - gm.failed),  # failed rounds trained nothing
+            self.autocast,
+            self.group,
             proximal_mu=agg.proximal_mu if agg.strategy == StrategyName.FEDPROX else 0.0,
-            autocast=self.autocast,
-            group=self.group,
         )
         trained = train(self.wrapped, batches, options, task.kept)
         self.last_trained = gm.round

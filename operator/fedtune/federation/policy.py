@@ -33,11 +33,18 @@ def _sid(name: str) -> str:
     return "".join(part.capitalize() for part in name.replace("_", "-").split("-"))
 
 
-def bucket_policy(run_root: str, aggregator: str, clients: dict[str, str], model_uri: str | None = None) -> Policy:
+def bucket_policy(
+    run_root: str,
+    aggregator: str,
+    clients: dict[str, str],
+    model_uri: str | None = None,
+    runs_uri: str | None = None,
+) -> Policy:
     """The policy for the run rooted at `run_root` (s3://bucket/prefix); principals by party.
 
     A base model pushed to `model_uri` (spec.model.uri) in the same bucket is readable by every party: its
-    manifest and the files it names, by key, with no listing.
+    manifest and the files it names, by key, with no listing. It must lie outside `runs_uri`
+    (spec.storage.uri), where it would open other runs' objects to this run's parties.
     """
     parsed = urlparse(run_root)
     if parsed.scheme != "s3" or not parsed.netloc:
@@ -77,12 +84,15 @@ def bucket_policy(run_root: str, aggregator: str, clients: dict[str, str], model
     model = urlparse(model_uri or "")
     if model.scheme == "s3" and model.netloc == bucket:
         model_prefix = model.path.strip("/")
-        run_objects, model_objects = (f"{x}/" if x else "" for x in (prefix, model_prefix))
-        if run_objects.startswith(model_objects) or model_objects.startswith(run_objects):
-            # Every party may read the model: overlapping the run would let a client read other clients.
-            raise FedtuneError(
-                f"spec.model.uri: {model_uri} overlaps the run root {run_root}; push the model elsewhere"
-            )
+        model_objects = f"{model_prefix}/" if model_prefix else ""
+        runs = urlparse(runs_uri or "")
+        roots = [run_root] + ([runs_uri] if runs_uri and runs.scheme == "s3" and runs.netloc == bucket else [])
+        for root in roots:
+            root_prefix = urlparse(root).path.strip("/")
+            root_objects = f"{root_prefix}/" if root_prefix else ""
+            if root_objects.startswith(model_objects) or model_objects.startswith(root_objects):
+                # Every party may read the model: overlapping runs would let a client read other clients.
+                raise FedtuneError(f"spec.model.uri: {model_uri} overlaps the runs at {root}; push the model elsewhere")
         statements.append(
             {
                 "Sid": "EveryPartyReadsModel",

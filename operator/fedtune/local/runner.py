@@ -85,6 +85,11 @@ def run_root(resource: FederatedFineTune, output: Path | None) -> ObjectStore:
     return store.child(resource.metadata.name)
 
 
+def run_folder(store: ObjectStore, output: Path | None, name: str) -> Path:
+    """The local folder of a run: its root when that is local, else {output}/{name} for what stays here."""
+    return store.root if isinstance(store, FileStore) else (output or Path("fedtune-runs")) / name
+
+
 def preflight(spec: FederatedFineTuneSpec, store: ObjectStore) -> None:
     """Problems a user can fix, found before any process starts: unreachable storage, unreadable data, a
     missing model folder; a uri model is downloaded here once, into the cache the processes share."""
@@ -119,10 +124,7 @@ class LocalRun:
         self.name = resource.metadata.name
         self.spec = resolve_paths(resource.spec, spec_path.parent)
         self.store = run_root(resource, output)
-        if isinstance(self.store, FileStore):
-            self.folder = self.store.root
-        else:
-            self.folder = (output or Path("fedtune-runs")) / self.name
+        self.folder = run_folder(self.store, output, self.name)
         if fresh:
             if not isinstance(self.store, FileStore):
                 raise FedtuneError(f"--fresh deletes a local run folder; this run's root is {self.store.uri}")
@@ -206,6 +208,8 @@ class LocalRun:
         report.write_metrics(records, self.folder)
         report.plot_loss(records, self.folder)
         self.console.print(report.client_table(self.ledger))
+        if (comparison := report.baseline_table(self.ledger, self.folder)) is not None:
+            self.console.print(comparison)
         self.console.print(
             f"{final.rounds} rounds in {time.monotonic() - started:.0f}s; adapter: {final.adapter}\n"
             f"adapter sha256: {final.adapter_sha256} (check the whole run: fedtune verify {self.folder})\n"

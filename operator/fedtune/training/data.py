@@ -116,8 +116,11 @@ def _check_messages(messages: Any, at: str) -> None:
         raise FedtuneError(f"{at}: messages has no assistant turn, and loss is taken on assistant turns only")
 
 
-def tokenize(records: Iterable[Record], data: DataSpec, tokenizer: Any, max_length: int, where: str) -> list[Example]:
-    """Examples truncated to max_length; loss is taken on the text, the response or the assistant turns.
+def tokenize(
+    records: Iterable[Record], data: DataSpec, tokenizer: Any, max_length: int | None, where: str
+) -> list[Example]:
+    """Examples truncated to max_length (None: whole, for packing); loss is taken on the text, the response
+    or the assistant turns.
 
     Records are consumed one at a time, so only the kept token arrays stay in memory.
     """
@@ -128,6 +131,11 @@ def tokenize(records: Iterable[Record], data: DataSpec, tokenizer: Any, max_leng
         kept = np.asarray(ids[:max_length], dtype=np.int32)
         out.append(Example(kept, kept if labels is None else np.asarray(labels[:max_length], dtype=np.int32)))
     return out
+
+
+def truncate(examples: list[Example], max_length: int) -> list[Example]:
+    """Each example cut to max_length tokens."""
+    return [Example(e.input_ids[:max_length], e.labels[:max_length]) for e in examples]
 
 
 def _encoder(data: DataSpec, tokenizer: Any, where: str) -> Callable[[Record], Encoded]:

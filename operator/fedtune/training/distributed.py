@@ -55,10 +55,17 @@ def relaunch(nproc: int) -> None:
     os.execv(argv[0], argv)
 
 
+def check_devices(gpus: int, field: str) -> None:
+    """A client that asks for more GPUs than it sees fails naming the field, not deep in torchrun (on a CPU
+    the ranks are processes, as in tests)."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < gpus:
+        raise FedtuneError(f"{field}: {gpus} GPUs asked for, this machine has {torch.cuda.device_count()}")
+
+
 def check_batch(batch_size: int, world: int) -> None:
     """Every optimizer step's batch is split evenly across the ranks."""
     if batch_size % world:
-        raise FedtuneError(f"training.batchSize: {batch_size} does not split evenly across {world} GPUs")
+        raise FedtuneError(f"spec.training.batchSize: {batch_size} does not split evenly across {world} GPUs")
 
 
 @dataclass(frozen=True)

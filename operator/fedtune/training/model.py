@@ -87,7 +87,7 @@ def model_config(spec: FederatedFineTuneSpec, vocab_size: int) -> Any:
     """The transformers config of the base model: the pretrained one's, or one built from spec.model.config."""
     from transformers import AutoConfig
 
-    source = resolve_model(spec)
+    source = resolve_model(spec, weights=False)
     if source is not None:
         try:
             return AutoConfig.from_pretrained(source.location, **source.kwargs())

@@ -116,18 +116,31 @@ def read_manifest(store: ObjectStore, pin: str | None) -> tuple[bytes, str]:
     return data, digest
 
 
-def fetch(store: ObjectStore, cache_root: Path, pin: str | None = None) -> Path:
-    """The verified local copy of the model at store: from the cache, or downloaded into it.
+# Files that hold weights: a party that needs only the config and the tokenizer (the aggregator) skips them.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+# Cached copies this process has checked: loading one model reads its folder several times (config,
+# tokenizer, weights), and a multi-GB model is hashed once, not each time.
+_checked: set[Path] = set()
+
+
+def fetch(store: ObjectStore, cache_root: Path, pin: str | None = None, weights: bool = True) -> Path:
+    """The verified local copy of the model at store (without its weight files unless `weights`): from
+    the cache, or downloaded into it.
 
     Racing processes each download into their own temporary folder; the first rename wins and the
     others use its copy.
     """
     data, digest = read_manifest(store, pin)
     files = parse_manifest(data, store.url(MANIFEST))
-    final = cache_root / digest
+    if not weights:
+        files = {name: entry for name, entry in files.items() if not name.endswith(WEIGHT_SUFFIXES)}
+    final = cache_root / (digest if weights else f"{digest}-config")
+    if final in _checked:
+        return final
     if final.is_dir() or final.is_symlink():
         problem = cached_problem(final, files)
         if problem is None:
+            _checked.add(final)
             return final
         # The cache may be shared with other pods: a copy that does not match is never loaded, only replaced.
         log.warning("%s: the cached copy %s %s: downloading it again", URI_FIELD, final, problem)
@@ -150,6 +163,7 @@ def fetch(store: ObjectStore, cache_root: Path, pin: str | None = None) -> Path:
         raise FedtuneError(f"{URI_FIELD}: cannot write the model cache {cache_root}: {e.strerror}") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    _checked.add(final)
     return final
 
 

@@ -35,11 +35,11 @@ class ModelSource:
         return out
 
 
-def resolve_model(spec: FederatedFineTuneSpec) -> ModelSource | None:
+def resolve_model(spec: FederatedFineTuneSpec, weights: bool = True) -> ModelSource | None:
     """The pretrained model's source, or None for a model built from spec.model.config.
 
-    A uri model is downloaded (once per cache) before this returns, so every source but the hub is a
-    local folder.
+    A uri model is downloaded (once per cache; without its weight files unless `weights`) before this
+    returns, so every source but the hub is a local folder.
     """
     m = spec.model
     if m.name is not None:
@@ -51,7 +51,7 @@ def resolve_model(spec: FederatedFineTuneSpec) -> ModelSource | None:
             store = open_store(m.uri, endpoint=spec.storage.endpoint, region=spec.storage.region)
         except StorageError as e:
             raise FedtuneError(f"spec.model.uri: {e}") from None
-        return ModelSource(str(model_store.fetch(store, cache_root(), m.sha256)))
+        return ModelSource(str(model_store.fetch(store, cache_root(), m.sha256, weights)))
     return None
 
 

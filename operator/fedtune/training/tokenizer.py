@@ -44,7 +44,7 @@ def byte_tokenizer() -> Any:
 
 def build_tokenizer(spec: FederatedFineTuneSpec) -> Any:
     """The run's tokenizer; a pad token is always set so batches can be padded."""
-    source = resolve_model(spec)
+    source = resolve_model(spec, weights=False)
     if spec.tokenizer.builtin == "bytes" or (spec.tokenizer.name is None and source is None):
         return byte_tokenizer()
     from transformers import AutoTokenizer

@@ -121,6 +121,8 @@ def train(
             moments.restore(opt, named, kept)
         except FedtuneError as e:
             log.warning("the kept optimizer state does not fit, AdamW starts afresh: %s", e)
+    # A float16 forward's small gradients underflow: scale the loss up, and the gradients back before use.
+    scaler = torch.amp.GradScaler("cuda", enabled=o.autocast == torch.float16)
     model.train()
     losses = []
     for i, micro in enumerate(steps):
@@ -132,10 +134,11 @@ def train(
         for j, batch in enumerate(micro):
             with group.accumulating(model, last=j == len(micro) - 1):
                 loss = token_loss(model, batch, o.autocast)
-                (loss * scale).backward()  # type: ignore[no-untyped-call]
+                scaler.scale(loss * scale).backward()  # type: ignore[no-untyped-call]
             total += float(loss.detach())
         (total,) = group.all_sum([total])
         losses.append(total / max(tokens, 1.0))
+        scaler.unscale_(opt)
         if anchors:  # FedProx's gradient mu·(w − w_global), once per step whatever the ranks
             for p, a in zip(params, anchors, strict=True):
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
@@ -144,5 +147,6 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
         for g in opt.param_groups:
             g["lr"] = o.rate(i)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
     return Trained(sum(losses) / len(losses) if losses else float("nan"), len(losses), moments.export(opt, named))
