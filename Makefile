@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # multi-GB torch wheel so a rebuild downloads nothing.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install demo test unit lint bench bench-gpu clean
+.PHONY: install demo test unit lint bench bench-learning bench-gpu clean
 
 install: $(STAMP)
 
@@ -37,11 +37,17 @@ unit: install
 # Flower is installed for the benchmark only, into its own folder inside the venv: the venv's packages
 # keep precedence, so fedtune runs against the versions it was installed with.
 BENCH_DEPS := $(VENV)/bench-deps
-# Aggregation throughput, the operator on the test cluster (hence cluster-deps), and round hand-offs in a local run.
+# Aggregation throughput, the operator on the test cluster (hence cluster-deps), round hand-offs in a local
+# run, and learning quality against local-only and centralized baselines.
 bench: install cluster-deps $(BENCH_DEPS)/.flwr-1.42.0
 	$(PY) -m bench
 	$(PY) -m bench.operator
 	$(PY) -m bench.rounds
+	$(PY) -m bench.learning
+
+# Does federating pay? Each client's eval loss, local-only / federated / centralized (about 15 CPU minutes).
+bench-learning: install
+	$(PY) -m bench.learning
 
 # A client's training on a CUDA GPU against a plain PEFT loop (tokens/s, MFU, memory, round overhead);
 # without a GPU it writes bench/results/gpu.md saying so.

@@ -31,7 +31,6 @@ import datetime
 import gc
 import math
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Iterable
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from bench.__main__ import machine
 
 RESULTS = Path(__file__).parent / "results" / "gpu.md"
 PEAK_ENV = "FEDTUNE_GPU_PEAK_TFLOPS"
@@ -137,17 +138,6 @@ def peak_flops(device_name: str) -> float | None:
 
 
 # --- measuring -------------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    """The host: CPU model, cores, memory, kernel."""
-    cpu = platform.processor() or "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {pages >> 30} GiB RAM, Linux {platform.release()}"
 
 
 def run_device() -> torch.device:

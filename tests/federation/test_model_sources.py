@@ -37,14 +37,8 @@ from tests.cluster.harness.s3 import S3Server
 from tests.federation.conftest import tiny_resource, write_data
 
 pytestmark = pytest.mark.slow
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+# The tiny federation's model, as a transformers config.
+TINY = {k: v for k, v in tiny_resource(Path())["spec"]["model"]["config"].items() if k != "modelType"}
 
 
 def save_tiny_model(folder: Path) -> dict[str, torch.Tensor]:

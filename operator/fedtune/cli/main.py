@@ -122,8 +122,8 @@ def baseline(
 
     The federation takes rounds × clientsPerRound × localSteps client steps; centralized takes that many on
     the pooled training splits, local rounds × localSteps per client (the steps of a client selected every
-    round). Both score the run's held-out examples. For data that may be pooled, or at least read by one
-    process: centralized reads every client's data here.
+    round). Both score the run's held-out examples. Only for data one may pool: both read every client's data
+    in this one process.
     """
     _logging()
     from fedtune.api import load_resource
@@ -137,13 +137,14 @@ def baseline(
     resource = load_resource(spec)
     store = run_root(resource, output)
     folder = run_folder(store, output, resource.metadata.name)
-    summary = Baseline(resolve_paths(resource.spec, spec.parent)).run(mode, folder)
+    run_spec = resolve_paths(resource.spec, spec.parent)
+    summary = Baseline(run_spec).run(mode, folder)
     for client, loss in summary.client_eval_loss.items():
-        typer.echo(f"{client}: eval_loss={loss:.4f} ({summary.client_steps[client]} steps)")
+        typer.echo(f"{client}: eval_loss={loss:.4f} (an adapter of {summary.client_steps[client]} steps)")
     typer.echo(f"{summary.steps} optimizer steps; {folder / BASELINES / mode}")
     if (folder / CONFIG).is_dir():  # the federated run is here too: compare
         ledger = Ledger(store, RunConfig.load(folder / CONFIG).trust)
-        table = baseline_table(ledger, folder) if ledger.final() else None
+        table = baseline_table(ledger, folder, run_spec) if ledger.final() else None
         if table is not None:
             Console().print(table)
 

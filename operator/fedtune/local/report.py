@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+import logging
+import os
+from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from fedtune.api import FederatedFineTuneSpec
 from fedtune.federation.records import Ledger
+
+log = logging.getLogger("fedtune.report")
 
 BASELINES = "baselines"  # <run folder>/baselines/<mode>/: what `fedtune baseline` writes
 
@@ -26,11 +32,14 @@ class Mode(StrEnum):
 class BaselineSummary:
     """A baseline's result (summary.json): its optimizer steps and each client's held-out evaluation.
 
-    `client_eval_sha256` digests the token ids scored, so a reader can check every trainer used the same.
+    `spec_key` is `baseline_key` of the spec it trained for; `client_steps` the steps of the adapter each
+    client is scored with; `client_eval_sha256` digests the input ids scored, so a reader can check every
+    trainer used the same.
     """
 
     mode: str
     seed: int
+    spec_key: str
     steps: int
     client_steps: dict[str, int]
     client_eval_loss: dict[str, float]
@@ -38,18 +47,36 @@ class BaselineSummary:
     client_eval_sha256: dict[str, str]
 
     def write(self, folder: Path) -> Path:
+        """Written whole or not at all, since a run may read it while the baseline trains."""
         path = folder / "summary.json"
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        part = path.with_suffix(".json.part")
+        part.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(part, path)
         return path
 
 
+def baseline_key(spec: FederatedFineTuneSpec) -> str:
+    """Digest of what a baseline's result depends on: model, tokenizer, adapter, training, seed, the rounds,
+    clients per round and every client's data. Two specs with one key have comparable baselines."""
+    clients = [(c.name, c.data.model_dump(mode="json")) for c in spec.clients]
+    what = spec.model_dump(mode="json", include={"model", "tokenizer", "peft", "training", "seed"})
+    what |= {"rounds": spec.aggregation.rounds, "per_round": spec.clients_per_round, "clients": clients}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
 def read_baselines(folder: Path) -> dict[str, BaselineSummary]:
-    """The baselines written beside the run in `folder`, by mode."""
+    """The baselines written beside the run in `folder`, by mode; one that cannot be read is left out, with
+    a warning (it was written by another version of fedtune: train it again)."""
     out = {}
     for mode in Mode:
         path = folder / BASELINES / mode / "summary.json"
-        if path.exists():
-            out[str(mode)] = BaselineSummary(**json.loads(path.read_text()))
+        if not path.exists():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+            out[str(mode)] = BaselineSummary(**{f.name: raw[f.name] for f in fields(BaselineSummary)})
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("%s: not a baseline summary (%s: %s); run fedtune baseline again", path, type(e).__name__, e)
     return out
 
 
@@ -64,6 +91,20 @@ def federated_steps(ledger: Ledger) -> int:
     return total
 
 
+def record(round: int, participants: list[str], train_loss: float | None, eval_loss: float | None) -> dict[str, Any]:
+    """One metrics.json record, of a run or a baseline: a round with nothing rejected, sent or spent."""
+    return {
+        "round": round,
+        "participants": participants,
+        "rejected": [],
+        "train_loss": train_loss,
+        "eval_loss": eval_loss,
+        "seconds": 0.0,
+        "bytes": 0,
+        "epsilon": None,
+    }
+
+
 def round_records(ledger: Ledger) -> list[dict[str, Any]]:
     """One record per closed round (round, participants, train_loss, eval_loss, seconds, bytes), then the
     final global's evaluation as a last record with no training."""
@@ -74,12 +115,9 @@ def round_records(ledger: Ledger) -> list[dict[str, Any]]:
         if s is None:
             continue
         out.append(
-            {
-                "round": s.round,
-                "participants": s.participants,
+            record(s.round, s.participants, s.train_loss, s.eval_loss)
+            | {
                 "rejected": [x.client for x in s.rejected],
-                "train_loss": s.train_loss,
-                "eval_loss": s.eval_loss,
                 "seconds": round(s.seconds, 3),
                 "bytes": s.bytes,
                 "epsilon": s.epsilon,
@@ -87,18 +125,8 @@ def round_records(ledger: Ledger) -> list[dict[str, Any]]:
         )
     final = ledger.final()
     if final is not None:
-        out.append(
-            {
-                "round": final.rounds,
-                "participants": sorted(final.client_eval_loss),
-                "rejected": [],
-                "train_loss": None,
-                "eval_loss": final.eval_loss,
-                "seconds": 0.0,
-                "bytes": 0,
-                "epsilon": out[-1]["epsilon"] if out else None,
-            }
-        )
+        last = record(final.rounds, sorted(final.client_eval_loss), None, final.eval_loss)
+        out.append(last | {"epsilon": out[-1]["epsilon"] if out else None})
     return out
 
 
@@ -125,7 +153,8 @@ def plot_loss(records: list[dict[str, Any]], folder: Path) -> Path:
     ax.set_xlabel("round")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:  # under DP a run releases no loss: an empty plot, no legend
+        ax.legend()
     fig.tight_layout()
     path = folder / "loss.png"
     fig.savefig(path)
@@ -149,19 +178,31 @@ def client_table(ledger: Ledger) -> Table:
     return table
 
 
-def baseline_table(ledger: Ledger, folder: Path) -> Table | None:
+def baseline_table(ledger: Ledger, folder: Path, spec: FederatedFineTuneSpec) -> Table | None:
     """Per client, the final eval loss of local-only training, the federation and centralized training;
-    None when no baseline was run. Gain: how much lower the federated loss is than local-only."""
-    found = read_baselines(folder)
+    None when no baseline for this spec was run. Gain: how much lower the federated loss is than local-only.
+    The caption gives each trainer's optimizer steps and says where they differ (a run ended early)."""
+    key = baseline_key(spec)
+    found = {}
+    for mode, b in read_baselines(folder).items():
+        if b.spec_key == key:
+            found[mode] = b
+        else:
+            log.warning("the %s baseline in %s was trained for another spec; run fedtune baseline again", mode, folder)
     if not found:
         return None
     final = ledger.final()
     fed = final.client_eval_loss if final else {}
     local = found["local"].client_eval_loss if "local" in found else {}
     central = found["centralized"].client_eval_loss if "centralized" in found else {}
-    steps = ", ".join(f"{m} {b.steps}" for m, b in found.items())
+    taken = federated_steps(ledger)
+    notes = [f"optimizer steps: federated {taken}, " + ", ".join(f"{m} {b.steps}" for m, b in found.items())]
+    if any(b.steps != taken for b in found.values()):
+        notes.append("the federation took fewer steps than planned (failed rounds or a privacy budget)")
+    if not fed and spec.privacy.enabled:
+        notes.append("under differential privacy the run releases no client's loss")
     table = Table(title="Does federating pay? Eval loss per client (held-out split)")
-    table.caption = f"optimizer steps: federated {federated_steps(ledger)}, {steps}"
+    table.caption = "; ".join(notes)
     for col in ("client", "local-only", "federated", "centralized", "fed. gain over local", "fed. vs centralized"):
         table.add_column(col, justify="left" if col == "client" else "right")
     for c in sorted(set(fed) | set(local) | set(central)):

@@ -208,7 +208,7 @@ class LocalRun:
         report.write_metrics(records, self.folder)
         report.plot_loss(records, self.folder)
         self.console.print(report.client_table(self.ledger))
-        if (comparison := report.baseline_table(self.ledger, self.folder)) is not None:
+        if (comparison := report.baseline_table(self.ledger, self.folder, self.spec)) is not None:
             self.console.print(comparison)
         self.console.print(
             f"{final.rounds} rounds in {time.monotonic() - started:.0f}s; adapter: {final.adapter}\n"
