@@ -81,3 +81,22 @@ cluster-demo: cluster-up
 
 cluster-status:
 	$(PYTHON) -m tests.cluster.harness status
+
+# --- images: the operator (no torch) and the trainer, tagged as the chart and spec.image expect them.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_REGISTRY ?= ghcr.io/fedtune
+IMAGES := operator trainer
+.PHONY: images image-names
+
+image-names:
+	@for image in $(IMAGES); do echo $(IMAGE_REGISTRY)/$$image:$(VERSION); done
+
+# Builds with whichever of docker, podman or buildah is installed (in that order).
+images:
+	@builder=$$(for b in docker podman buildah; do command -v $$b >/dev/null && { echo $$b; break; }; done); \
+	if [ -z "$$builder" ]; then echo "make images: install docker, podman or buildah" >&2; exit 1; fi; \
+	[ "$$builder" = buildah ] && build="buildah bud" || build="$$builder build"; \
+	for image in $(IMAGES); do \
+	  echo "$$build -f images/$$image/Dockerfile -t $(IMAGE_REGISTRY)/$$image:$(VERSION) ."; \
+	  $$build -f images/$$image/Dockerfile -t $(IMAGE_REGISTRY)/$$image:$(VERSION) . || exit 1; \
+	done

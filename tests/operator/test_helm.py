@@ -3,6 +3,7 @@ monitors only metrics that exist, and installs into the test cluster under restr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -17,8 +18,13 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client.metrics import MetricWrapperBase
 
 from fedtune import metrics
+from fedtune.api import API_GROUP, API_VERSION, PLURAL, FederatedFineTuneSpec
+from fedtune.controller import builders
 from tests.cluster.harness import build
 from tests.cluster.harness.cluster import Cluster
+from tests.operator.conftest import Runs, running_pod, tiny_run
+from tests.unit.runs import TRUST
+from tests.unit.runs import run as run_resource
 
 pytestmark = pytest.mark.cluster
 
@@ -53,6 +59,13 @@ CLUSTER_READS = {
     ("", "namespaces"): {"list", "watch"},
 }
 PEERING_VERBS = {"get", "list", "watch", "patch"}
+STORE = {"to": [{"ipBlock": {"cidr": "10.20.0.0/24"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+NETWORK_POLICY = (
+    "--set",
+    "networkPolicy.enabled=true",
+    "--set-json",
+    f"networkPolicy.storageEgress=[{json.dumps(STORE)}]",
+)
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -207,6 +220,138 @@ def test_alert_rules_are_valid_and_use_real_metrics(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def alert(severity: str, summary: str, description: str, **labels: str) -> dict[str, Any]:
+    """One alert promtool should see firing: its labels and its rendered annotations."""
+    return {
+        "exp_labels": {"severity": severity, **labels},
+        "exp_annotations": {"summary": summary, "description": description},
+    }
+
+
+def test_every_alert_fires_when_it_should_and_only_then(tmp_path: Path) -> None:
+    """`promtool test rules` on the chart's rules, stalledFor 10m: each alert silent before its condition has
+    lasted, firing after, and never for the run, client or operator that is fine."""
+    rule = one(render(*MONITORING, "--set", "metrics.prometheusRule.stalledFor=10m"), "PrometheusRule")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    run = 'namespace="ns",name="{}"'
+    series = {
+        f'fedtune_run_condition{{{run.format("broken")},state="Failed"}}': "0 0 0 1x20",
+        f'fedtune_run_condition{{{run.format("fine")},state="Failed"}}': "0x23",
+        f'fedtune_run_condition{{{run.format("stuck")},state="Running"}}': "1x40",
+        f"fedtune_rounds_completed{{{run.format('stuck')}}}": "3x40",
+        f'fedtune_run_condition{{{run.format("busy")},state="Running"}}': "1x40",
+        f"fedtune_rounds_completed{{{run.format('busy')}}}": "0+1x40",
+        f'fedtune_run_condition{{{run.format("slow")},state="Running"}}': "1x40",
+        f"fedtune_rounds_completed{{{run.format('slow')}}}": " ".join(str(i // 5) for i in range(41)),  # 5 min a round
+        f'fedtune_updates_rejected_total{{{run.format("busy")},client="bad"}}': "0 0 0 1x30",
+        f'fedtune_updates_rejected_total{{{run.format("busy")},client="good"}}': "0x30",
+        'up{job="ft-fedtune-metrics",instance="a"}': "1x10 0x30",
+    }
+    failed = alert(
+        "warning",
+        "FederatedFineTune ns/broken failed",
+        "kubectl describe fft -n ns broken shows the reason.",
+        namespace="ns",
+        name="broken",
+    )
+    stalled = alert(
+        "warning",
+        "FederatedFineTune ns/stuck completed no round in 10m",
+        "Clients may be unschedulable or failing; check the run's Jobs and pods.",
+        namespace="ns",
+        name="stuck",
+    )
+    rejected = alert(
+        "info",
+        "Client bad of ns/busy sent rejected updates",
+        "Updates failed validation (shape, finiteness or norm bound) in the last hour.",
+        namespace="ns",
+        name="busy",
+        client="bad",
+    )
+    down = alert(
+        "critical",
+        "The fedtune operator is not being scraped",
+        "No fedtune operator replica answered on its metrics port for 10 minutes.",
+    )
+    cases = [
+        ("2m", "FedtuneRunFailed", []),
+        ("5m", "FedtuneRunFailed", [failed]),
+        ("5m", "FedtuneRunStalled", []),  # stuck, but not for 10 minutes yet
+        ("15m", "FedtuneRunStalled", [stalled]),
+        ("2m", "FedtuneUpdatesRejected", []),
+        ("5m", "FedtuneUpdatesRejected", [rejected]),
+        ("15m", "FedtuneOperatorDown", []),  # down since 11m
+        ("25m", "FedtuneOperatorDown", [down]),
+    ]
+    never_scraped = [("5m", "FedtuneOperatorDown", []), ("11m", "FedtuneOperatorDown", [down])]
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": [{"series": k, "values": v} for k, v in inputs.items()],
+            "alert_rule_test": [{"eval_time": t, "alertname": a, "exp_alerts": e} for t, a, e in checks],
+        }
+        for inputs, checks in ((series, cases), ({}, never_scraped))
+    ]
+    assert {c[1] for c in cases} == {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    path = tmp_path / "alerts_test.yaml"
+    path.write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests}))
+    done = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_run_pods_are_scraped_with_the_scrapers_own_labels() -> None:
+    endpoint = one(render(*MONITORING), "PodMonitor")["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["honorLabels"] is False
+
+
+def test_run_pods_reach_only_dns_and_the_store_and_only_the_scraper_reaches_them() -> None:
+    assert "NetworkPolicy" not in {d["kind"] for d in render()}
+    docs = [d for d in render(*NETWORK_POLICY, "--set-json", 'networkPolicy.namespaces=["a","b"]')]
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["a", "b"]
+    res = run_resource()
+    for pod in (j["spec"]["template"] for j in builders.children(res, TRUST) if j["kind"] == "Job"):
+        ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        for policy in policies:
+            spec = policy["spec"]
+            assert spec["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+            assert spec["policyTypes"] == ["Ingress", "Egress"]
+            (ingress,) = spec["ingress"]
+            assert ingress["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+            assert [p["port"] for p in ingress["ports"]] == ["metrics"] and "metrics" in ports
+            dns, store = spec["egress"]
+            assert dns["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+            assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+            assert store == STORE
+    # The operator's own pod is not a run pod.
+    operator_pod = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert not policies[0]["spec"]["podSelector"]["matchLabels"].items() <= operator_pod.items()
+    # Enabled without the store, it names what is missing.
+    done = helm("template", "ft", str(CHART), "--set", "networkPolicy.enabled=true", check=False)
+    assert done.returncode != 0 and "networkPolicy.storageEgress" in done.stderr, done.stderr
+
+
+def test_replicas_get_a_disruption_budget_covering_them_all() -> None:
+    assert "PodDisruptionBudget" not in {d["kind"] for d in render()}
+    docs = render("--set", "replicas=3")
+    selector = one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+    replicas = [d["spec"]["template"]["metadata"]["labels"] for d in docs if d["kind"] == "Deployment"]
+    assert len(replicas) == 3 and all(selector.items() <= labels.items() for labels in replicas)
+    assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def test_default_images_are_the_ones_make_images_tags() -> None:
+    """`make images` tags what the chart deploys (repository:appVersion) and what spec.image defaults to."""
+    done = subprocess.run(["make", "-s", "image-names"], cwd=CHART.parents[1], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    operator = f"{values['image']['repository']}:{values['image']['tag'] or chart['appVersion']}"
+    trainer = FederatedFineTuneSpec.model_fields["image"].default
+    assert done.stdout.split() == [operator, trainer]
+
+
 def test_grafana_dashboard_shows_fedtune_metrics() -> None:
     cm = one(render(*MONITORING), "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -241,15 +386,16 @@ def test_helm_install_creates_working_rbac_and_restricted_pods(crds: Cluster) ->
     kube = ("--kubeconfig", str(crds.kubeconfig), "--namespace", ns)
     try:
         done = helm(
-            "install", "ft", str(CHART), *kube, "--skip-crds", *NAMESPACED,
-            "--set", "grafana.dashboards.enabled=true",
+            "install", "ft", str(CHART), *kube, "--skip-crds", *NAMESPACED, *NETWORK_POLICY,
+            "--set", "grafana.dashboards.enabled=true", "--set", "replicas=2",
             "--set-json", 'nodeSelector={"fedtune.io/pool":"nowhere"}',
             check=False,
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         assert "violate" not in done.stderr, done.stderr
 
-        for kind in ("deployment", "serviceaccount", "role", "rolebinding", "service", "kopfpeering", "configmap"):
+        kinds = ("deployment", "serviceaccount", "role", "rolebinding", "service", "kopfpeering", "configmap")
+        for kind in (*kinds, "networkpolicy", "poddisruptionbudget"):
             out = crds.kubectl("get", kind, "-n", ns, "-l", "app.kubernetes.io/instance=ft", "-o", "name").stdout
             assert out.strip(), f"no {kind} installed"
 
@@ -288,3 +434,37 @@ def test_helm_install_creates_working_rbac_and_restricted_pods(crds: Cluster) ->
         except ApiException as e:
             if e.status != 404:
                 raise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["namespaced", "cluster"])
+def test_the_operator_helm_installs_runs_a_federation_as_a_pod(
+    crds: Cluster, namespace: str, tiny_data: str, scope: str
+) -> None:
+    """`helm install`, then a run: the operator is a pod of the test cluster, signed in with the service-account
+    token and CA the node agent projects, and takes the run to Succeeded; everything under restricted Pod
+    Security. In cluster scope the release lives in a namespace of its own and watches the run's."""
+    core = crds.core()
+    restricted = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/warn": "restricted"}
+    core.patch_namespace(namespace, {"metadata": {"labels": restricted}})
+    release_ns = namespace if scope == "namespaced" else f"ft-system-{secrets.token_hex(3)}"
+    if release_ns != namespace:
+        core.create_namespace({"metadata": {"name": release_ns, "labels": restricted}})
+    kube = ("--kubeconfig", str(crds.kubeconfig), "--namespace", release_ns)
+    runs = Runs(crds, namespace)
+    try:
+        done = helm("install", "ft", str(CHART), *kube, "--skip-crds", "--set", f"rbac.scope={scope}", check=False)
+        assert done.returncode == 0 and "violate" not in done.stderr, done.stdout + done.stderr
+        pod = running_pod(crds, release_ns, "app.kubernetes.io/component=operator")
+        runs.create(tiny_run("in-cluster", aggregation={"rounds": 1}))
+        status = runs.wait_state("in-cluster", "Succeeded", timeout=400)["status"]
+        assert status["adapterSHA256"]
+        log = crds.kubectl("logs", "-n", release_ns, pod).stdout
+        assert "in-cluster" in log, log[-3000:]  # this pod reconciled it, signed in from inside
+    finally:
+        with contextlib.suppress(ApiException):
+            runs.api.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, "in-cluster")
+        helm("uninstall", "ft", *kube, "--wait", "--timeout", "60s", check=False)
+        if release_ns != namespace:
+            with contextlib.suppress(ApiException):
+                core.delete_namespace(release_ns)

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
+from fedtune import metrics
 from fedtune.api import FederatedFineTuneSpec, parse_resource
 from fedtune.api.spec import DataSpec, LrSchedule, TrainingSpec
 from fedtune.errors import FedtuneError
@@ -251,3 +253,23 @@ def test_more_gpus_than_the_machine_has_is_refused_naming_the_field(monkeypatch:
     ):
         check_devices(4, "spec.clients[2].resources.gpus")
     check_devices(1, "spec.clients[2].resources.gpus")
+
+
+def test_a_round_reports_its_tokens_step_times_and_bytes(spec: FederatedFineTuneSpec) -> None:
+    tok = build_tokenizer(spec)
+    model = build_model(spec, tok)
+    batches = list(d.train_batches(examples(tok), 4, 3, "seed", tok.pad_token_id, accumulation=2))
+    trained = train(model, iter(batches), Options(rate=lambda i: 0.01))
+    assert trained.tokens == sum(int(b["attention_mask"].sum()) for step in batches for b in step)
+    assert len(trained.step_seconds) == trained.steps == 3 and all(s > 0 for s in trained.step_seconds)
+
+    labels = ("ns", "run", "alpha")
+    client_module.report_training(labels, trained, 1234)
+    client_module.report_training(labels, trained, 766)
+    of = dict(zip(metrics.CLIENT, labels, strict=True))
+    sample = REGISTRY.get_sample_value
+    assert sample("fedtune_client_sent_bytes_total", of) == 2000
+    assert sample("fedtune_client_steps_total", of) == 6
+    assert sample("fedtune_client_step_duration_seconds_count", of) == 6
+    assert sample("fedtune_client_tokens_per_second", of) == pytest.approx(trained.tokens / sum(trained.step_seconds))
+    assert sample("fedtune_client_gpu_memory_bytes", of) is None  # no GPU here

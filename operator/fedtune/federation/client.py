@@ -32,7 +32,7 @@ from fedtune.training.model import adapter_state, base_dtype, build_model, load_
 from fedtune.training.moments import State
 from fedtune.training.schedule import learning_rate
 from fedtune.training.tokenizer import build_tokenizer
-from fedtune.training.trainer import Options, autocast_dtype, enable_checkpointing, evaluate, train
+from fedtune.training.trainer import Options, Trained, autocast_dtype, enable_checkpointing, evaluate, train
 
 log = logging.getLogger("fedtune.client")
 
@@ -100,6 +100,18 @@ def local_options(
         autocast=autocast,
         group=group or Group(),
     )
+
+
+def report_training(labels: tuple[str, str, str], trained: Trained, sent: int) -> None:
+    """A round's training as the client's metrics: steps, their times, tokens per second, bytes sent, GPU memory."""
+    metrics.CLIENT_STEPS.labels(*labels).inc(trained.steps)
+    metrics.CLIENT_SENT_BYTES.labels(*labels).inc(sent)
+    for seconds in trained.step_seconds:
+        metrics.CLIENT_STEP_SECONDS.labels(*labels).observe(seconds)
+    if (busy := sum(trained.step_seconds)) > 0:
+        metrics.CLIENT_TOKENS_PER_SECOND.labels(*labels).set(trained.tokens / busy)
+    if torch.cuda.is_available():
+        metrics.CLIENT_GPU_MEMORY.labels(*labels).set(torch.cuda.max_memory_allocated())
 
 
 @dataclass(frozen=True)
@@ -215,7 +227,7 @@ class Client:
             optimizer_state.keep(self.ledger, self.name, gm.round, digest, trained.moments)
         if not self.spec.privacy.enabled:  # under DP no metric carries one client's un-noised loss
             metrics.CLIENT_TRAIN_LOSS.labels(*self.labels).set(trained.loss)
-        metrics.CLIENT_STEPS.labels(*self.labels).inc(trained.steps)
+        report_training(self.labels, trained, len(payload))
         log.info(
             "round %d: trained %d steps, train_loss=%.4f eval_loss=%.4f",
             gm.round,

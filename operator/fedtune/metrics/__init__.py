@@ -31,6 +31,21 @@ CLIENT_TRAIN_LOSS = Gauge("fedtune_client_train_loss", "A client's training loss
 RUN_CONDITION = Gauge("fedtune_run_condition", "1 for the state a run is in, 0 for the others.", (*RUN, "state"))
 RUN_INFO = Gauge("fedtune_run_info", "Static facts about a run (always 1).", (*RUN, "strategy", "clients"))
 CLIENT_STEPS = Counter("fedtune_client_steps_total", "Local optimizer steps a client has taken.", CLIENT)
+CLIENT_STEP_SECONDS = Histogram(
+    "fedtune_client_step_duration_seconds",
+    "Wall time of a client's optimizer steps.",
+    CLIENT,
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+CLIENT_TOKENS_PER_SECOND = Gauge(
+    "fedtune_client_tokens_per_second",
+    "Input tokens per second of a client's training in its latest round, all its GPUs together.",
+    CLIENT,
+)
+CLIENT_SENT_BYTES = Counter("fedtune_client_sent_bytes_total", "Bytes of updates a client has uploaded.", CLIENT)
+CLIENT_GPU_MEMORY = Gauge(
+    "fedtune_client_gpu_memory_bytes", "Peak GPU memory a client's training allocated (where it has a GPU).", CLIENT
+)
 
 
 def forget_run(namespace: str, name: str) -> None:

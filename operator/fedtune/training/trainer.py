@@ -8,6 +8,7 @@ batch of k·b, and N ranks make the same step as one process.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ class Trained:
     loss: float
     steps: int
     moments: moments.State  # AdamW's state after the last step, keyed by weight name
+    tokens: int = 0  # input tokens (not padding) the step's forward passes read, all ranks together
+    step_seconds: tuple[float, ...] = ()  # wall time of each optimizer step
 
 
 def autocast_dtype(base: torch.dtype) -> torch.dtype | None:
@@ -124,8 +127,10 @@ def train(
     # A float16 forward's small gradients underflow: scale the loss up, and the gradients back before use.
     scaler = torch.amp.GradScaler("cuda", enabled=o.autocast == torch.float16)
     model.train()
-    losses = []
+    losses, seconds, seen = [], [], 0
+    started = time.perf_counter()
     for i, micro in enumerate(steps):
+        seen += sum(int(b["attention_mask"].sum()) for b in micro)
         (tokens,) = group.all_sum([float(sum(scored(b) for b in micro))])
         # DDP averages gradients over ranks; scaling by the world size makes that average the global sum.
         scale = group.world / max(tokens, 1.0)
@@ -149,4 +154,10 @@ def train(
             g["lr"] = o.rate(i)
         scaler.step(opt)
         scaler.update()
-    return Trained(sum(losses) / len(losses) if losses else float("nan"), len(losses), moments.export(opt, named))
+        # Reading a loss waits for the work queued before it (the backward pass too): summed over the steps,
+        # these times cover the GPU's work, not just the launches.
+        seconds.append(time.perf_counter() - started)
+        started = time.perf_counter()
+    (read,) = group.all_sum([float(seen)])
+    mean = sum(losses) / len(losses) if losses else float("nan")
+    return Trained(mean, len(losses), moments.export(opt, named), int(read), tuple(seconds))

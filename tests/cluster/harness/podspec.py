@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,25 @@ def command_line(container: Obj, env: dict[str, str], mounts: dict[str, str]) ->
     if not argv:
         raise ConfigError("container has no command: images are not run here, so command is required")
     return [rewrite_paths(a, mounts) for a in argv]
+
+
+# Where client libraries look for a pod's credentials without being told (the in-cluster config of the
+# Kubernetes clients): these mounts must be at their real paths, not only rewritten in args and env.
+FIXED_MOUNTS = ("/var/run/secrets/",)
+
+
+def in_own_mounts(argv: list[str], mounts: dict[str, str]) -> list[str]:
+    """argv run in a mount namespace of its own where each fixed-path mount is bound at its mount path, as
+    a container sees it; other pods keep theirs. Needs root and unshare(1): elsewhere argv as it is."""
+    binds = {m: real for m, real in mounts.items() if m.startswith(FIXED_MOUNTS)}
+    unshare = shutil.which("unshare")
+    if not binds or unshare is None or os.geteuid() != 0:
+        return argv
+    script = (
+        'while [ "$1" != -- ]; do mkdir -p "$1" && mount --bind "$2" "$1" || exit 127; shift 2; done; shift; exec "$@"'
+    )
+    pairs = [x for m, real in sorted(binds.items()) for x in (m, real)]
+    return [unshare, "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh", *pairs, "--", *argv]
 
 
 def mounts_env(root: Path, folder: Path, mounts: dict[str, str]) -> dict[str, str]:

@@ -191,7 +191,7 @@ class PodRunner:
             env["HOME"] = str(self.folder / "home")
             env.update(self._ports(c))
             env = podspec.container_env(self.pod, c.spec, self.ctx.lookup, env, mounts)
-            argv = podspec.command_line(c.spec, env, mounts)
+            argv = podspec.in_own_mounts(podspec.command_line(c.spec, env, mounts), mounts)
         except podspec.ConfigError as exc:
             c.waiting = {"reason": "CreateContainerConfigError", "message": str(exc)}
             return
