@@ -300,9 +300,20 @@ def test_every_alert_fires_when_it_should_and_only_then(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_run_pods_are_scraped_with_the_scrapers_own_labels() -> None:
+def test_run_pods_are_scraped_with_labels_from_the_pods_the_operator_made() -> None:
+    """A run pod's own namespace, name and client labels give way to its namespace and the run and client
+    labels the operator put on the pod, so no pod can report as another run or client."""
     endpoint = one(render(*MONITORING), "PodMonitor")["spec"]["podMetricsEndpoints"][0]
     assert endpoint["honorLabels"] is False
+
+    def meta(label: str) -> str:
+        return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
+
+    relabel = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+    assert relabel == {"name": [meta(builders.RUN_LABEL)], "client": [meta(builders.CLIENT_LABEL)]}
+    client_pod = builders.client_job(run_resource(), run_resource().spec.clients[0])["spec"]["template"]
+    assert client_pod["metadata"]["labels"][builders.CLIENT_LABEL] == "clinic"
+    assert client_pod["metadata"]["labels"][builders.RUN_LABEL] == "quickstart"
 
 
 def test_run_pods_reach_only_dns_and_the_store_and_only_the_scraper_reaches_them() -> None:
@@ -327,9 +338,12 @@ def test_run_pods_reach_only_dns_and_the_store_and_only_the_scraper_reaches_them
     # The operator's own pod is not a run pod.
     operator_pod = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert not policies[0]["spec"]["podSelector"]["matchLabels"].items() <= operator_pod.items()
-    # Enabled without the store, it names what is missing.
+    # Enabled without the store, or in cluster scope without the runs' namespaces, it names what is missing.
     done = helm("template", "ft", str(CHART), "--set", "networkPolicy.enabled=true", check=False)
     assert done.returncode != 0 and "networkPolicy.storageEgress" in done.stderr, done.stderr
+    done = helm("template", "ft", str(CHART), *NETWORK_POLICY, check=False)
+    assert done.returncode != 0 and "networkPolicy.namespaces" in done.stderr, done.stderr
+    assert one(render(*NETWORK_POLICY, *NAMESPACED), "NetworkPolicy")["metadata"]["namespace"] == "fedtune-system"
 
 
 def test_replicas_get_a_disruption_budget_covering_them_all() -> None:

@@ -255,7 +255,9 @@ def test_more_gpus_than_the_machine_has_is_refused_naming_the_field(monkeypatch:
     check_devices(1, "spec.clients[2].resources.gpus")
 
 
-def test_a_round_reports_its_tokens_step_times_and_bytes(spec: FederatedFineTuneSpec) -> None:
+def test_a_round_reports_its_tokens_step_times_and_bytes(
+    spec: FederatedFineTuneSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tok = build_tokenizer(spec)
     model = build_model(spec, tok)
     batches = list(d.train_batches(examples(tok), 4, 3, "seed", tok.pad_token_id, accumulation=2))
@@ -263,13 +265,18 @@ def test_a_round_reports_its_tokens_step_times_and_bytes(spec: FederatedFineTune
     assert trained.tokens == sum(int(b["attention_mask"].sum()) for step in batches for b in step)
     assert len(trained.step_seconds) == trained.steps == 3 and all(s > 0 for s in trained.step_seconds)
 
-    labels = ("ns", "run", "alpha")
+    of = dict(zip(metrics.CLIENT, ("ns", "reported", "alpha"), strict=True))  # labels only this test uses
+    names = ("sent_bytes_total", "steps_total", "step_duration_seconds_count")
+
+    def counts() -> list[float]:
+        return [REGISTRY.get_sample_value(f"fedtune_client_{n}", of) or 0.0 for n in names]
+
+    before = counts()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    labels = ("ns", "reported", "alpha")
     client_module.report_training(labels, trained, 1234)
     client_module.report_training(labels, trained, 766)
-    of = dict(zip(metrics.CLIENT, labels, strict=True))
-    sample = REGISTRY.get_sample_value
-    assert sample("fedtune_client_sent_bytes_total", of) == 2000
-    assert sample("fedtune_client_steps_total", of) == 6
-    assert sample("fedtune_client_step_duration_seconds_count", of) == 6
-    assert sample("fedtune_client_tokens_per_second", of) == pytest.approx(trained.tokens / sum(trained.step_seconds))
-    assert sample("fedtune_client_gpu_memory_bytes", of) is None  # no GPU here
+    assert [a - b for a, b in zip(counts(), before, strict=True)] == [2000, 6, 6]
+    rate = REGISTRY.get_sample_value("fedtune_client_tokens_per_second", of)
+    assert rate == pytest.approx(trained.tokens / sum(trained.step_seconds))
+    assert REGISTRY.get_sample_value("fedtune_client_gpu_memory_bytes", of) is None  # no GPU, no series

@@ -103,7 +103,8 @@ def local_options(
 
 
 def report_training(labels: tuple[str, str, str], trained: Trained, sent: int) -> None:
-    """A round's training as the client's metrics: steps, their times, tokens per second, bytes sent, GPU memory."""
+    """A round's training as the client's metrics: steps, their times, tokens per second, bytes sent, and the
+    peak GPU memory of the round's training on this rank's GPU."""
     metrics.CLIENT_STEPS.labels(*labels).inc(trained.steps)
     metrics.CLIENT_SENT_BYTES.labels(*labels).inc(sent)
     for seconds in trained.step_seconds:

@@ -127,6 +127,8 @@ def train(
     # A float16 forward's small gradients underflow: scale the loss up, and the gradients back before use.
     scaler = torch.amp.GradScaler("cuda", enabled=o.autocast == torch.float16)
     model.train()
+    if torch.cuda.is_available():  # the peak the client reports is this round's training, not its loading
+        torch.cuda.reset_peak_memory_stats()
     losses, seconds, seen = [], [], 0
     started = time.perf_counter()
     for i, micro in enumerate(steps):

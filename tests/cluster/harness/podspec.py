@@ -10,10 +10,12 @@ to the real path, so ``--config /etc/app/config.yaml`` works unchanged.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,22 +295,40 @@ def command_line(container: Obj, env: dict[str, str], mounts: dict[str, str]) ->
 
 
 # Where client libraries look for a pod's credentials without being told (the in-cluster config of the
-# Kubernetes clients): these mounts must be at their real paths, not only rewritten in args and env.
-FIXED_MOUNTS = ("/var/run/secrets/",)
+# Kubernetes clients): mounts under it must be at their real paths, not only rewritten in args and env.
+SECRETS = "/var/run/secrets"
+# In the new mount namespace: an empty tmpfs over SECRETS (nothing of the host's shows, nothing is created
+# on the host), then each mount bound at its path (a file onto a file, a folder onto a folder), then the
+# container's command in place of the shell.
+_BIND = (
+    'mount -t tmpfs -o mode=0755 tmpfs "$0" || exit 1; '
+    'while [ "$1" != -- ]; do '
+    'if [ -d "$2" ]; then mkdir -p "$1"; else mkdir -p "$(dirname "$1")" && : > "$1"; fi && '
+    'mount --bind "$2" "$1" || { echo "cannot mount $2 at $1" >&2; exit 1; }; shift 2; done; '
+    'shift; exec "$@"'
+)
+
+
+@functools.cache
+def unshare_command() -> str | None:
+    """unshare(1), where it can make a mount namespace here (root with CAP_SYS_ADMIN); else None."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        return None
+    done = subprocess.run([unshare, "--mount", "--propagation", "private", "true"], capture_output=True)
+    return unshare if done.returncode == 0 else None
 
 
 def in_own_mounts(argv: list[str], mounts: dict[str, str]) -> list[str]:
-    """argv run in a mount namespace of its own where each fixed-path mount is bound at its mount path, as
-    a container sees it; other pods keep theirs. Needs root and unshare(1): elsewhere argv as it is."""
-    binds = {m: real for m, real in mounts.items() if m.startswith(FIXED_MOUNTS)}
-    unshare = shutil.which("unshare")
-    if not binds or unshare is None or os.geteuid() != 0:
+    """argv run in a mount namespace of its own where each mount under SECRETS is bound at its mount path,
+    as a container sees it; other pods keep theirs. Where no mount namespace can be made, argv as it is."""
+    binds = {m: real for m, real in mounts.items() if m == SECRETS or m.startswith(SECRETS + "/")}
+    unshare = unshare_command() if binds else None
+    if unshare is None:
         return argv
-    script = (
-        'while [ "$1" != -- ]; do mkdir -p "$1" && mount --bind "$2" "$1" || exit 127; shift 2; done; shift; exec "$@"'
-    )
+    Path(SECRETS).mkdir(parents=True, exist_ok=True)  # the tmpfs needs a place to go; it stays empty
     pairs = [x for m, real in sorted(binds.items()) for x in (m, real)]
-    return [unshare, "--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh", *pairs, "--", *argv]
+    return [unshare, "--mount", "--propagation", "private", "/bin/sh", "-c", _BIND, SECRETS, *pairs, "--", *argv]
 
 
 def mounts_env(root: Path, folder: Path, mounts: dict[str, str]) -> dict[str, str]:
