@@ -44,7 +44,17 @@ def summaries(ledger: Ledger) -> list[p.RoundSummary]:
 def test_a_client_that_never_answers_fails_its_round_and_is_left_out_until_it_restarts(
     tmp_path: Path, stopped: list[Fleet]
 ) -> None:
-    f = fleet_for(tmp_path, rounds=4, clientsPerRound=2, minClients=2, overSelection=1, maxFailedRounds=100)
+    # Long enough that a restarted client answers its first round even on a loaded machine: one that did
+    # not would be left out again, and no round would have everyone back.
+    f = fleet_for(
+        tmp_path,
+        rounds=4,
+        clientsPerRound=2,
+        minClients=2,
+        overSelection=1,
+        maxFailedRounds=100,
+        roundTimeoutSeconds=15,
+    )
     stopped.append(f)
     ledger = local_ledger(f.root)
     f.start("aggregator")
