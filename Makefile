@@ -45,7 +45,7 @@ bench: install cluster-deps $(BENCH_DEPS)/.flwr-1.42.0
 	$(PY) -m bench.rounds
 	$(PY) -m bench.learning
 
-# Does federating pay? Each client's eval loss, local-only / federated / centralized (about 15 CPU minutes).
+# Does federating pay? Each client's eval loss, local-only / federated / centralized (about 20 minutes on 2 cores).
 bench-learning: install
 	$(PY) -m bench.learning
 

@@ -20,7 +20,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from fedtune import metrics
 from fedtune.api import API_GROUP, API_VERSION, PLURAL, FederatedFineTuneSpec
 from fedtune.controller import builders
-from tests.cluster.harness import build
+from tests.cluster.harness import build, podspec
 from tests.cluster.harness.cluster import Cluster
 from tests.operator.conftest import Runs, running_pod, tiny_run
 from tests.unit.runs import TRUST
@@ -451,6 +451,7 @@ def test_helm_install_creates_working_rbac_and_restricted_pods(crds: Cluster) ->
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(podspec.unshare_command() is None, reason="the node agent projects the token as root only")
 @pytest.mark.parametrize("scope", ["namespaced", "cluster"])
 def test_the_operator_helm_installs_runs_a_federation_as_a_pod(
     crds: Cluster, namespace: str, tiny_data: str, scope: str

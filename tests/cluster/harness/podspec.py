@@ -4,7 +4,9 @@ A container's filesystem is a per-pod folder: each volume is materialised as fil
 ``vol/<name>/`` and each mount path becomes a symlink under ``root/``. The process learns the real
 locations through ``FEDTUNE_POD_ROOT`` and ``FEDTUNE_MOUNTS`` (JSON, mount path to real path), and
 arguments, environment values and the working directory that start with a mount path are rewritten
-to the real path, so ``--config /etc/app/config.yaml`` works unchanged.
+to the real path, so ``--config /etc/app/config.yaml`` works unchanged. Mounts under /var/run/secrets,
+which client libraries read without being told, are also bound at their real paths in a mount namespace
+of the container's own (``in_own_mounts``).
 """
 
 from __future__ import annotations
