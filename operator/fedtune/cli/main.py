@@ -121,8 +121,9 @@ def baseline(
     the run (<run folder>/baselines/MODE/): `fedtune run` then compares each client's eval loss.
 
     The federation takes rounds × clientsPerRound × localSteps client steps; centralized takes that many on
-    the pooled training splits, local rounds × localSteps per client (the steps of a client selected every
-    round). Both score the run's held-out examples. Only for data one may pool: both read every client's data
+    the pooled training splits, local shares them out evenly, one adapter per client on its own split
+    (rounds × localSteps each when every client is selected every round). Both score the run's held-out
+    examples. Only for data one may pool: both read every client's data
     in this one process.
     """
     _logging()
