@@ -10,8 +10,9 @@ import pytest
 
 from fedtune.api.spec import TrainingSpec
 from fedtune.local.baseline import share, step_rate
-from fedtune.local.report import BASELINES, BaselineSummary, read_baselines
+from fedtune.local.report import BASELINES, BaselineSummary, baseline_key, read_baselines
 from fedtune.training.schedule import learning_rate
+from tests.unit.runs import run
 
 
 @pytest.mark.parametrize(("total", "parts"), [(12, 3), (10, 3), (2, 5), (0, 4), (7, 1)])
@@ -56,3 +57,13 @@ def test_a_summary_is_replaced_whole(tmp_path: Path) -> None:
     BaselineSummary(**summary(steps=8)).write(folder)  # type: ignore[arg-type]
     assert sorted(p.name for p in folder.iterdir()) == ["summary.json"]
     assert read_baselines(tmp_path)["local"].steps == 8
+
+
+def test_a_baseline_stays_comparable_when_only_credentials_change() -> None:
+    spec = run(model={"name": "org/model", "tokenSecretRef": "hub-token"}).spec
+    rotated = spec.model_copy(deep=True)
+    rotated.clients[0].data.secret_ref = "rotated-data-credentials"
+    rotated.model.token_secret_ref = "rotated-hub-token"
+    longer = spec.model_copy(deep=True)
+    longer.training.local_steps += 1
+    assert baseline_key(rotated) == baseline_key(spec) != baseline_key(longer)

@@ -57,9 +57,14 @@ class BaselineSummary:
 
 def baseline_key(spec: FederatedFineTuneSpec) -> str:
     """Digest of what a baseline's result depends on: model, tokenizer, adapter, training, seed, the rounds,
-    clients per round and every client's data. Two specs with one key have comparable baselines."""
-    clients = [(c.name, c.data.model_dump(mode="json")) for c in spec.clients]
-    what = spec.model_dump(mode="json", include={"model", "tokenizer", "peft", "training", "seed"})
+    clients per round and every client's data (not the Secrets that reach them, which may rotate). Two specs
+    with one key have comparable baselines."""
+    clients = [(c.name, c.data.model_dump(mode="json", exclude={"secret_ref"})) for c in spec.clients]
+    what = spec.model_dump(
+        mode="json",
+        include={"model", "tokenizer", "peft", "training", "seed"},
+        exclude={"model": {"token_secret_ref"}},
+    )
     what |= {"rounds": spec.aggregation.rounds, "per_round": spec.clients_per_round, "clients": clients}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
@@ -91,10 +96,10 @@ def federated_steps(ledger: Ledger) -> int:
     return total
 
 
-def record(round: int, participants: list[str], train_loss: float | None, eval_loss: float | None) -> dict[str, Any]:
-    """One metrics.json record, of a run or a baseline: a round with nothing rejected, sent or spent."""
+def record(number: int, participants: list[str], train_loss: float | None, eval_loss: float | None) -> dict[str, Any]:
+    """One metrics.json record, of a run or a baseline: round `number` with nothing rejected, sent or spent."""
     return {
-        "round": round,
+        "round": number,
         "participants": participants,
         "rejected": [],
         "train_loss": train_loss,

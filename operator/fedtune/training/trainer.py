@@ -45,8 +45,8 @@ class Trained:
     loss: float
     steps: int
     moments: moments.State  # AdamW's state after the last step, keyed by weight name
-    tokens: int = 0  # input tokens (not padding) the step's forward passes read, all ranks together
-    step_seconds: tuple[float, ...] = ()  # wall time of each optimizer step
+    tokens: int  # input tokens (not padding) the steps' forward passes read, all ranks together
+    step_seconds: tuple[float, ...]  # wall time of each optimizer step
 
 
 def autocast_dtype(base: torch.dtype) -> torch.dtype | None:
