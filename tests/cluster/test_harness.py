@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 import urllib.request
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from kubernetes import client
 
 from tests.cluster.harness import build
 from tests.cluster.harness.cluster import Cluster
+from tests.cluster.harness.network import LOOPBACK_RANGE, POD_RANGE
 from tests.cluster.harness.nodes import GPU_RESOURCE, GPU_TOLERATION
 from tests.cluster.harness.procs import wait_for
 from tests.cluster.harness.s3 import S3Server
@@ -304,22 +306,48 @@ def test_active_deadline_fails_the_pod(cluster: Cluster, namespace: str) -> None
     assert (done.status.phase, done.status.reason) == ("Failed", "DeadlineExceeded")
 
 
-def test_declared_ports_get_free_host_ports(cluster: Cluster, namespace: str) -> None:
+def test_each_pod_serves_its_declared_port_on_its_own_address(cluster: Cluster, namespace: str) -> None:
     code = """
         import http.server, os
-        port = int(os.environ["FEDTUNE_PORT_METRICS"])
-        http.server.HTTPServer(("127.0.0.1", port), http.server.SimpleHTTPRequestHandler).serve_forever()
+        http.server.HTTPServer((os.environ["POD_IP"], 9090), http.server.SimpleHTTPRequestHandler).serve_forever()
     """
-    container = {"ports": [{"name": "metrics", "containerPort": 9090}]}
+    container = {
+        "ports": [{"name": "metrics", "containerPort": 9090}],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+    }
+    core = cluster.core()
     for name in ("a", "b"):
-        cluster.core().create_namespaced_pod(namespace, pod(name, code, container=container))
-    ports = [cluster.pod_ports(namespace, name)[9090] for name in ("a", "b")]
-    assert ports[0] != ports[1]
-    for name, port in zip(("a", "b"), ports, strict=True):
-        cluster.wait_pod(namespace, name, ["Running"])
-        wait_for(
-            lambda p=port: urllib.request.urlopen(f"http://127.0.0.1:{p}/", timeout=2).status == 200, 30, "serving"
+        core.create_namespaced_pod(
+            namespace, pod(name, code, container=container) | {"metadata": {"name": name, "labels": {"app": "web"}}}
         )
+    service = {
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "metrics", "port": 80, "targetPort": "metrics"}]},
+    }
+    core.create_namespaced_service(namespace, service)
+    addresses = {name: cluster.pod_ip(namespace, name) for name in ("a", "b")}
+    assert addresses["a"] != addresses["b"]
+    assert all(ip_address(a) in (POD_RANGE if cluster.pods_routed else LOOPBACK_RANGE) for a in addresses.values())
+    for address in addresses.values():
+        wait_for(lambda a=address: urllib.request.urlopen(f"http://{a}:9090/", timeout=2).status == 200, 30, "serving")
+
+    def endpoints() -> set[tuple[str, int]]:
+        slices = client.DiscoveryV1Api(cluster.api_client()).list_namespaced_endpoint_slice(
+            namespace, label_selector="kubernetes.io/service-name=web"
+        )
+        return {
+            (address, port.port)
+            for s in slices.items
+            for e in s.endpoints or []
+            if e.conditions.ready
+            for address in e.addresses
+            for port in s.ports or []
+        }
+
+    if not cluster.pods_routed:
+        pytest.skip("pod addresses are loopback ones here (routing 198.18.0.0/15 locally needs root): no Endpoints")
+    want = {(a, 9090) for a in addresses.values()}
+    wait_for(lambda: endpoints() == want, 60, f"the Service's endpoints to be {want}")
 
 
 def test_unreachable_node_stops_reporting_until_it_returns(cluster: Cluster, namespace: str) -> None:

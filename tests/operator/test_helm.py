@@ -20,15 +20,15 @@ from prometheus_client.metrics import MetricWrapperBase
 from fedtune import metrics
 from fedtune.api import API_GROUP, API_VERSION, PLURAL, FederatedFineTuneSpec
 from fedtune.controller import builders
-from tests.cluster.harness import build, podspec
+from tests.cluster.harness import podspec
 from tests.cluster.harness.cluster import Cluster
+from tests.operator.chart import CHART, helm, one, render
 from tests.operator.conftest import Runs, running_pod, tiny_run
 from tests.unit.runs import TRUST
 from tests.unit.runs import run as run_resource
 
 pytestmark = pytest.mark.cluster
 
-CHART = Path(__file__).resolve().parents[2] / "charts" / "fedtune"
 NAMESPACED = ("--set", "rbac.scope=namespaced")
 MONITORING = (
     "--set",
@@ -47,7 +47,8 @@ NAMESPACED_RULES = {
     ("fedtune.io", "federatedfinetunes"): {"get", "list", "watch", "patch", "delete"},
     ("fedtune.io", "federatedfinetunes/status"): {"patch"},
     ("fedtune.io", "federatedfinetunes/finalizers"): {"update"},
-    ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
+    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
+    ("kueue.x-k8s.io", "workloads"): {"create", "get", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"create", "get"},
     ("", "services"): {"create", "get"},
@@ -66,24 +67,6 @@ NETWORK_POLICY = (
     "--set-json",
     f"networkPolicy.storageEgress=[{json.dumps(STORE)}]",
 )
-
-
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    path = build.binaries()["helm"]
-    if not path.is_file():
-        pytest.skip("helm not built: run `make cluster-deps`")
-    return subprocess.run([str(path), *args], capture_output=True, text=True, check=check, timeout=120)
-
-
-def render(*args: str) -> list[dict[str, Any]]:
-    out = helm("template", "ft", str(CHART), "--namespace", "fedtune-system", *args).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
-
-
-def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, f"{len(found)} {kind} objects"
-    return found[0]
 
 
 def grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:

@@ -29,6 +29,7 @@ class FakeKube:
         self.created: list[str] = []
         self.refused: list[str] = []  # creates answered "already exists" (409 on a real API server)
         self.deleted: list[str] = []
+        self.suspended: list[tuple[str, bool]] = []  # (Job, suspend) as patched
         self.events: list[tuple[str, str, str]] = []
         self.config_map_reads = 0
 
@@ -50,6 +51,17 @@ class FakeKube:
 
     def delete_run(self, namespace: str, name: str) -> None:
         self.deleted.append(f"FederatedFineTune/{name}")
+
+    def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
+        self.objects["Job", name]["spec"]["suspend"] = suspend
+        self.suspended.append((name, suspend))
+
+    def workload(self, namespace: str, name: str) -> Obj | None:
+        return self.objects.get(("Workload", name))
+
+    def delete_workload(self, namespace: str, name: str) -> None:
+        if self.objects.pop(("Workload", name), None) is not None:
+            self.deleted.append(f"Workload/{name}")
 
     def jobs(self, namespace: str, run: str) -> dict[str, Obj]:
         return {

@@ -13,7 +13,6 @@ from fedtune.controller import builders, names
 from tests.unit.runs import TRUST, UID, run
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-QUEUE = "kueue.x-k8s.io/queue-name"
 
 
 def jobs(res: Any) -> list[dict[str, Any]]:
@@ -150,7 +149,7 @@ def _secrets_of(job: dict[str, Any]) -> set[str]:
     found = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
     for c in pod["containers"]:
         found |= {e["secretRef"]["name"] for e in c.get("envFrom", [])}
-        found |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
+        found |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
     return found
 
 
@@ -191,15 +190,6 @@ def test_a_party_with_its_own_key_mounts_that_secret() -> None:
         clients=[{"name": "a", "data": {"uri": "x"}}],
     )
     assert all("envFrom" not in c for c in containers(no_secret))
-
-
-def test_kueue_queue_label_reaches_jobs_and_pods() -> None:
-    res = run(labels={QUEUE: "gpu-queue", "team": "ml"})
-    for job in jobs(res):
-        assert job["metadata"]["labels"][QUEUE] == "gpu-queue"
-        assert job["spec"]["template"]["metadata"]["labels"][QUEUE] == "gpu-queue"
-        assert "team" not in job["metadata"]["labels"]
-    assert all(QUEUE not in job["metadata"]["labels"] for job in jobs(run()))
 
 
 def test_config_map_carries_the_resource_and_pinned_keys_into_every_pod() -> None:

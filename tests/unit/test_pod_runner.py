@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.harness import podspec
+from tests.cluster.harness.network import POD_RANGE, PodNetwork
 from tests.cluster.harness.runner import Context, PodRunner
 
 
@@ -22,7 +23,10 @@ def test_a_container_that_exits_before_it_is_reaped_is_not_started_again_uncount
             "containers": [{"name": "main", "command": [sys.executable, "-c", "raise SystemExit(1)"]}],
         },
     }
-    runner = PodRunner(pod, Context(podspec.Lookup(), tmp_path / "pods", tmp_path / "pvc", {}))
+    context = Context(
+        podspec.Lookup(), tmp_path / "pods", tmp_path / "pvc", {}, PodNetwork(str(POD_RANGE), tmp_path / "net")
+    )
+    runner = PodRunner(pod, context)
     runner.sync(pod)
     (container,) = runner.main
     assert container.proc is not None

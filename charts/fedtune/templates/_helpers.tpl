@@ -48,7 +48,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [create, get, list, watch, delete]
+  # patch: a queued run's Jobs are suspended until Kueue admits the run, and again if it is evicted.
+  verbs: [create, get, list, watch, patch, delete]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  # The one Kueue Workload through which a queued run (spec.queueName) is admitted as a gang.
+  verbs: [create, get, delete]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]

@@ -697,6 +697,13 @@ class FederatedFineTuneSpec(SpecModel):
         0, ge=0, description="Seeds client sampling, data order and adapter init (never the privacy noise)."
     )
     suspend: bool = Field(False, description="Remove the pods and hold the run; unsuspended, it resumes.")
+    queue_name: str | None = Field(
+        None,
+        max_length=63,
+        pattern=DNS_LABEL,
+        description="Kueue LocalQueue in the run's namespace. The run is admitted as one gang: its Jobs are "
+        "created suspended and start together, the aggregator and every client, once Kueue admits them all.",
+    )
     active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run after this long.")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the resource this long after it finished."

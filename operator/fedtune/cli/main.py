@@ -40,6 +40,12 @@ MetricsPort = Annotated[
     int,
     typer.Option("--metrics-port", envvar="FEDTUNE_METRICS_PORT", help="Serve Prometheus metrics here (0: off)."),
 ]
+MetricsAddress = Annotated[
+    str,
+    typer.Option(
+        "--metrics-address", envvar="FEDTUNE_METRICS_ADDRESS", help="Address to serve metrics on (default: all)."
+    ),
+]
 RunName = Annotated[str, typer.Option("--run-name", envvar="FEDTUNE_RUN_NAME", help="Run name for metric labels.")]
 Namespace = Annotated[str, typer.Option("--namespace", envvar="FEDTUNE_NAMESPACE", help="Namespace for metric labels.")]
 
@@ -171,6 +177,7 @@ def aggregator(
     config: ConfigDir,
     signing_key: SigningKey,
     metrics_port: MetricsPort = 0,
+    metrics_address: MetricsAddress = "",
     run_name: RunName = "",
     namespace: Namespace = "",
 ) -> None:
@@ -185,7 +192,7 @@ def aggregator(
 
     cfg = RunConfig.load(config)
     signer = cfg.signer(AGGREGATOR, signing_key)
-    metrics.serve(metrics_port)
+    metrics.serve(metrics_port, metrics_address)
     spec = cfg.resource.spec
     ledger = Ledger(open_store(run_root, endpoint=spec.storage.endpoint), cfg.trust, signer)
     Aggregator(ledger, spec, run=(namespace, run_name)).run()
@@ -207,6 +214,7 @@ def client(
         ),
     ] = None,
     metrics_port: MetricsPort = 0,
+    metrics_address: MetricsAddress = "",
     run_name: RunName = "",
     namespace: Namespace = "",
 ) -> None:
@@ -234,7 +242,7 @@ def client(
     creds = _credentials(data_credentials) if data_credentials else None
     with distributed.joined() if distributed.is_worker() else nullcontext(distributed.Group()) as group:
         if group.main:
-            metrics.serve(metrics_port)
+            metrics.serve(metrics_port, metrics_address)
         Client(ledger, spec, name, run=(namespace, run_name), data_credentials=creds, group=group).run()
 
 
@@ -393,6 +401,7 @@ def operator(
         int, typer.Option(help="Seconds after which a silent replica counts as gone and another takes over.")
     ] = 60,
     metrics_port: MetricsPort = 0,
+    metrics_address: MetricsAddress = "",
 ) -> None:
     """Run the operator: reconcile FederatedFineTune resources into Jobs (the operator pod's command)."""
     _logging()
@@ -404,6 +413,7 @@ def operator(
     except config.ConfigException:
         config.load_kube_config()
     os.environ["FEDTUNE_METRICS_PORT"] = str(metrics_port)
+    os.environ["FEDTUNE_METRICS_ADDRESS"] = metrics_address
     os.environ["FEDTUNE_PEERING_LIFETIME"] = str(peering_lifetime)
     import fedtune.controller.handlers  # noqa: F401  (registers the handlers)
 

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from fedtune.api.spec import CREDENTIALS_LABEL, FederatedFineTune
+from fedtune.controller.gang import too_many_shapes
 from fedtune.controller.kube import Credentials
 from fedtune.federation.signing import KEY_FILE, InvalidKey, check_pair, parse_private
 
@@ -66,6 +67,8 @@ def admission(res: FederatedFineTune, secrets: dict[str, Credentials]) -> tuple[
             "ImageNotAllowed",
             f"spec.image: {spec.image} is not among the operator's allowedImages ({', '.join(allowed)})",
         )
+    if spec.queue_name and (shapes := too_many_shapes(res)):
+        return "TooManyPodSets", shapes
     found_volume = credential_volume(res)
     if found_volume:
         field, problem = found_volume

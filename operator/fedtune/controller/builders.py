@@ -46,7 +46,6 @@ NOT_READY_TOLERATION_SECONDS = 30
 RUN_LABEL = f"{API_GROUP}/run"
 CLIENT_LABEL = f"{API_GROUP}/client"
 COMPONENT_LABEL = "app.kubernetes.io/component"
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 def run_id(res: FederatedFineTune) -> str:
@@ -79,9 +78,6 @@ def labels(res: FederatedFineTune, component: str, client: str | None = None) ->
     }
     if client is not None:
         out[CLIENT_LABEL] = client
-    queue = (res.metadata.model_extra or {}).get("labels", {}).get(QUEUE_LABEL)
-    if queue:
-        out[QUEUE_LABEL] = queue
     return out
 
 
@@ -96,7 +92,8 @@ def owner_reference(res: FederatedFineTune) -> Manifest:
     }
 
 
-def _meta(res: FederatedFineTune, name: str, component: str, client: str | None = None) -> Manifest:
+def object_meta(res: FederatedFineTune, name: str, component: str, client: str | None = None) -> Manifest:
+    """Name, namespace, the run's labels and the run as controlling owner."""
     return {
         "name": name,
         "namespace": res.metadata.namespace,
@@ -112,6 +109,7 @@ def _env(res: FederatedFineTune) -> list[Manifest]:
         {"name": "FEDTUNE_RUN_NAME", "value": res.metadata.name},
         {"name": "FEDTUNE_NAMESPACE", "value": res.metadata.namespace},
         {"name": "FEDTUNE_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "FEDTUNE_METRICS_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "FEDTUNE_CONFIG", "value": CONFIG_MOUNT},
         {"name": "FEDTUNE_SIGNING_KEY", "value": f"{KEY_MOUNT}/{KEY_FILE}"},
         {"name": "HOME", "value": "/tmp"},
@@ -236,8 +234,10 @@ def _job(res: FederatedFineTune, name: str, component: str, template: Manifest, 
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(res, name, component, client),
+        "metadata": object_meta(res, name, component, client),
         "spec": {
+            # A queued run's Jobs start only once Kueue admits the whole run (see gang).
+            **({"suspend": True} if res.spec.queue_name else {}),
             "backoffLimit": res.spec.backoff_limit,
             # A pod evicted from a failed node is not the program's fault: replace it without
             # spending the backoff budget.
@@ -266,14 +266,14 @@ def spec_config_map(res: FederatedFineTune, trust: Trust) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(res, spec_config_map_name(res.metadata.name), "spec"),
+        "metadata": object_meta(res, spec_config_map_name(res.metadata.name), "spec"),
         "data": {RESOURCE_FILE: resource_json(doc), KEYS_FILE: trust.to_json()},
     }
 
 
 def key_secret(res: FederatedFineTune, party: str, private_pem: str) -> Manifest:
     """A signing key the operator generated for one party of this run; mounted into that party's pod only."""
-    meta = _meta(res, key_secret_name(res.metadata.name, party), "signing-key")
+    meta = object_meta(res, key_secret_name(res.metadata.name, party), "signing-key")
     meta["labels"][CREDENTIALS_LABEL] = "true"
     return {
         "apiVersion": "v1",
@@ -288,7 +288,7 @@ def metrics_service(res: FederatedFineTune) -> Manifest:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(res, metrics_service_name(res.metadata.name), "aggregator"),
+        "metadata": object_meta(res, metrics_service_name(res.metadata.name), "aggregator"),
         "spec": {
             "selector": {RUN_LABEL: res.metadata.name, COMPONENT_LABEL: "aggregator"},
             "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}],

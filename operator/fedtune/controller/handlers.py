@@ -50,7 +50,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.kube = KubeClient()
     memo.pinned_keys = PinnedKeys()
     memo.passes = Passes()
-    metrics.serve(int(os.environ.get("FEDTUNE_METRICS_PORT", "0")))
+    metrics.serve(int(os.environ.get("FEDTUNE_METRICS_PORT", "0")), os.environ.get("FEDTUNE_METRICS_ADDRESS", ""))
 
 
 class Passes:

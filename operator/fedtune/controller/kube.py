@@ -17,9 +17,14 @@ from kubernetes.client.exceptions import ApiException
 
 from fedtune.api.spec import API_GROUP, API_VERSION, CREDENTIALS_LABEL, KIND, PLURAL
 from fedtune.controller.builders import RUN_LABEL
+from fedtune.controller.gang import KUEUE_GROUP, KUEUE_VERSION, WORKLOADS
 from fedtune.errors import FedtuneError
 
 Obj = dict[str, Any]
+
+
+class NotServed(FedtuneError):
+    """The cluster does not serve a kind the run needs (Kueue's Workload where Kueue is not installed)."""
 
 
 @dataclass(frozen=True)
@@ -32,13 +37,22 @@ class Credentials:
 
 class Kube(Protocol):
     def create(self, manifest: Obj) -> bool:
-        """Create the object unless one of its name exists; True if created."""
+        """Create the object unless one of its name exists; True if created. NotServed if its kind is not."""
 
     def delete_job(self, namespace: str, name: str) -> None:
         """Delete a Job and its pods; one already gone is fine."""
 
     def delete_run(self, namespace: str, name: str) -> None:
         """Delete the FederatedFineTune itself."""
+
+    def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
+        """Suspend a Job (its pods go) or let it run."""
+
+    def workload(self, namespace: str, name: str) -> Obj | None:
+        """A Kueue Workload; None if there is none of that name."""
+
+    def delete_workload(self, namespace: str, name: str) -> None:
+        """Delete a Kueue Workload, giving its quota back; one already gone is fine."""
 
     def jobs(self, namespace: str, run: str) -> dict[str, Obj]:
         """The Jobs labelled with the run's name, by name."""
@@ -80,11 +94,15 @@ class KubeClient(Kube):
                 self.core.create_namespaced_service(ns, manifest)
             elif kind == "Secret":
                 self.core.create_namespaced_secret(ns, manifest)
+            elif kind == "Workload":
+                self.custom.create_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, ns, WORKLOADS, manifest)
             else:
                 raise FedtuneError(f"cannot create a {kind}")
         except ApiException as e:
             if e.status == 409:
                 return False
+            if e.status == 404:  # a create into an existing namespace: it is the kind that is missing
+                raise NotServed(f"the cluster serves no {manifest['apiVersion']} {kind}: is it installed?") from e
             raise
         return True
 
@@ -97,6 +115,25 @@ class KubeClient(Kube):
 
     def delete_run(self, namespace: str, name: str) -> None:
         self.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+
+    def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
+        self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+
+    def workload(self, namespace: str, name: str) -> Obj | None:
+        try:
+            got = self.custom.get_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace, WORKLOADS, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return dict(got)
+
+    def delete_workload(self, namespace: str, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace, WORKLOADS, name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     def jobs(self, namespace: str, run: str) -> dict[str, Obj]:
         found = self.batch.list_namespaced_job(namespace, label_selector=f"{RUN_LABEL}={run}", _preload_content=False)

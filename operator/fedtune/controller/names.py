@@ -15,7 +15,7 @@ MAX_NAME = 63  # a Job's name is also its pods' job-name label value
 DIGEST = 16  # hex digits: 64 bits, so a colliding name cannot be searched for
 # Roles followed by a member (a client's name, a key's party), and roles that end a name.
 MEMBER_ROLES = ("client", "key")
-END_ROLES = ("aggregator", "spec", "metrics")
+END_ROLES = ("aggregator", "spec", "metrics", "workload")
 
 
 def parse(name: str) -> tuple[str, str, str | None] | None:
@@ -61,3 +61,8 @@ def key_secret_name(run: str, party: str) -> str:
 def metrics_service_name(run: str) -> str:
     # A Service name must start with a letter; a run name may start with a digit.
     return child_name(run, "metrics", prefix="" if run[0].isalpha() else "fft-")
+
+
+def workload_name(run: str) -> str:
+    """The Kueue Workload that admits a queued run as one gang."""
+    return child_name(run, "workload")

@@ -13,11 +13,11 @@ from typing import Literal
 
 from fedtune.api.spec import FederatedFineTune
 from fedtune.api.status import RunState, RunStatus
-from fedtune.controller import builders
+from fedtune.controller import builders, gang
 from fedtune.controller.admission import STORAGE_KEYS, admission
 from fedtune.controller.identities import KeyConflict, PinnedKeys, identities
-from fedtune.controller.kube import Kube, Obj
-from fedtune.controller.names import aggregator_name, client_job_name
+from fedtune.controller.kube import Kube, NotServed, Obj
+from fedtune.controller.names import aggregator_name, client_job_name, workload_name
 from fedtune.controller.status import Observed, Progress, settled
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
@@ -127,14 +127,44 @@ def _create_children(
         trust = pinned or identities(kube, res, secrets)
     except KeyConflict as e:
         return "KeyConflict", str(e)
-    for manifest in builders.children(res, trust):
-        # Only what is missing is posted: the ConfigMap and Service come before the Jobs, so once any Job
-        # exists they were made, and a pass while Jobs are still being created skips those that exist.
+    manifests = builders.children(res, trust)
+    if res.spec.queue_name:  # the Workload comes before the Jobs it admits
+        manifests.insert(next(i for i, m in enumerate(manifests) if m["kind"] == "Job"), gang.workload(res))
+    for manifest in manifests:
+        # Only what is missing is posted: the ConfigMap, Service and Workload come before the Jobs, so once
+        # any Job exists they were made, and a pass while Jobs are still being created skips those that exist.
         if (manifest["metadata"]["name"] in jobs) if manifest["kind"] == "Job" else bool(jobs):
             continue
-        if kube.create(manifest):
+        try:
+            created = kube.create(manifest)
+        except NotServed as e:
+            return "KueueNotInstalled", f"spec.queueName: {e}"
+        if created:
             log.info("created %s %s/%s", manifest["kind"], meta.namespace, manifest["metadata"]["name"])
     return None
+
+
+def _finished(job: Obj) -> bool:
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
+
+
+def _gate(kube: Kube, res: FederatedFineTune, jobs: dict[str, Obj]) -> tuple[str, str] | None:
+    """A queued run's Jobs run exactly while Kueue admits its Workload; why it waits, or None once admitted."""
+    ns = res.metadata.namespace
+    workload = kube.workload(ns, workload_name(res.metadata.name))
+    if workload is None and jobs:  # deleted under a run that still needs it: queue the run again
+        try:
+            kube.create(gang.workload(res))
+        except NotServed as e:
+            return "KueueNotInstalled", f"spec.queueName: {e}"
+    admitted, why = gang.admission(res, workload)
+    for name, job in jobs.items():
+        if bool(job["spec"].get("suspend")) == admitted and not _finished(job):
+            kube.suspend_job(ns, name, not admitted)
+            job["spec"]["suspend"] = not admitted
+            log.info("%s Job %s/%s", "started" if admitted else "suspended", ns, name)
+    return None if admitted else ("Queued", why)
 
 
 def reconcile(
@@ -152,11 +182,19 @@ def reconcile(
         observed.progress = read
     observed.jobs = _owned(kube.jobs(ns, name), res)
     plan = children_plan(res, old, observed.progress)
+    queued = res.spec.queue_name is not None
     if plan == "remove":
+        if queued and (observed.jobs or not settled(old)):
+            kube.delete_workload(ns, workload_name(name))  # its quota goes back to the queue, then its pods go
         for job in observed.jobs:
             kube.delete_job(ns, job)
-    elif plan == "ensure" and not set(job_names(res)) <= set(observed.jobs):
-        observed.blocked = _create_children(kube, res, pinned, observed.storage_error, observed.jobs)
-        observed.jobs = _owned(kube.jobs(ns, name), res)
+    elif plan == "keep" and queued and not settled(old):
+        kube.delete_workload(ns, workload_name(name))  # the run has its result
+    elif plan == "ensure":
+        if not set(job_names(res)) <= set(observed.jobs):
+            observed.blocked = _create_children(kube, res, pinned, observed.storage_error, observed.jobs)
+            observed.jobs = _owned(kube.jobs(ns, name), res)
+        if queued and observed.blocked is None:
+            observed.blocked = _gate(kube, res, observed.jobs)
     observed.pods = kube.pods(ns, name)
     return observed

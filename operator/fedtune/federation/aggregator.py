@@ -631,6 +631,9 @@ class Aggregator:
     def run(self) -> p.FinalSummary | None:
         """Aggregate under the lease until the final adapter is written; None if another aggregator finished."""
         metrics.ROUNDS_TOTAL.labels(*self.labels).set(self.rounds)
+        for c in self.spec.clients:  # every client's series exists from the start: a panel shows 0, not "no data"
+            for counter in (metrics.UPDATES_ACCEPTED, metrics.UPDATES_REJECTED, metrics.UPDATE_BYTES):
+                counter.labels(*self.labels, c.name)
         if not self.lease.acquire(done=self.ledger.finished):
             log.info("the run was finished by another aggregator; nothing to do")
             return None

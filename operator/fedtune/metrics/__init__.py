@@ -61,11 +61,15 @@ def forget_run(namespace: str, name: str) -> None:
             metric.remove(*values)
 
 
-def serve(port: int | None) -> None:
-    """Expose /metrics on port (0 or None: not served). A taken port costs the metrics, not the run."""
+def serve(port: int | None, address: str = "") -> None:
+    """Expose /metrics on port (0 or None: not served) at address (empty: every interface).
+
+    Pods bind their own pod IP, so pods sharing a network (hostNetwork, a test node) never clash.
+    A taken port costs the metrics, not the run.
+    """
     if not port:
         return
     try:
-        start_http_server(port)
+        start_http_server(port, addr=address or "0.0.0.0")
     except OSError as e:
-        logging.getLogger("fedtune.metrics").warning("metrics not served on port %d: %s", port, e.strerror)
+        logging.getLogger("fedtune.metrics").warning("metrics not served on %s:%d: %s", address, port, e.strerror)

@@ -31,6 +31,7 @@ from kubernetes.client.exceptions import ApiException
 
 from . import podspec
 from .logserver import serve_logs
+from .network import PodNetwork
 from .nodes import conditions, node_manifest
 from .runner import Context, PodRunner
 
@@ -103,7 +104,8 @@ class Agent:
         base["KUBERNETES_SERVICE_HOST"] = "127.0.0.1"
         base["KUBERNETES_SERVICE_PORT"] = str(cfg["api_port"])
         base["PYTHONUNBUFFERED"] = "1"
-        self.ctx = Context(ApiLookup(self.core), self.state / "pods", self.state / "pvc", base)
+        network = PodNetwork(cfg["pod_range"])
+        self.ctx = Context(ApiLookup(self.core), self.state / "pods", self.state / "pvc", base, network)
 
     # --- nodes ---------------------------------------------------------------------------------
 
@@ -231,11 +233,14 @@ class Agent:
             try:
                 runner.sync(pod)
                 self._report(runner)
+                if runner.ended():
+                    self.ctx.network.release(uid)
             except Exception as exc:  # one pod's trouble must not stall the others
                 print(f"pod {runner.namespace}/{runner.name}: {exc!r}", file=sys.stderr, flush=True)
         for uid in list(self.runners):
             if uid not in seen:
                 self.runners.pop(uid).kill_now()
+                self.ctx.network.release(uid)
 
     def _report(self, runner: PodRunner) -> None:
         status = runner.status()

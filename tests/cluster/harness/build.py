@@ -3,7 +3,7 @@
 Every binary lives under ``<cache>/bin/<component>-<version>/``; a component whose folder exists is
 never rebuilt, so a second run builds nothing. Builds go to a temporary folder that is renamed into
 place only when complete, under a file lock, so an interrupted or concurrent run never leaves a half
-cache behind. Debian tools (kubectl, prometheus, promtool) come from apt where the machine lacks them.
+cache behind. Debian tools (kubectl, promtool) come from apt where the machine lacks them.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ KUBERNETES_VERSION = "v1.37.2"
 ETCD_VERSION = "v3.7.3"
 HELM_VERSION = "v3.22.0"
 VERSITYGW_VERSION = "v1.8.0"
+KUEUE_VERSION = "v0.17.0"
+# Prometheus 3.x's Go module: Debian's prometheus is built without Kubernetes service discovery.
+PROMETHEUS_VERSION = "v0.316.0"
 
 
 def cache_root() -> Path:
@@ -47,7 +50,10 @@ class Component:
     packages: list[str]
     binaries: list[str]
     ldflags: str = ""
+    tags: str = ""
     files: dict[str, str] = field(default_factory=dict)
+    assets: list[tuple[str, str, str]] = field(default_factory=list)
+    """Folders copied out of a required module's source: ``(module, folder in it, destination)``."""
 
     @property
     def folder(self) -> Path:
@@ -55,6 +61,11 @@ class Component:
 
     def cached(self) -> bool:
         return all((self.folder / b).is_file() for b in self.binaries)
+
+
+def _go_mod(name: str, module: str, version: str) -> str:
+    """A build module requiring one module at one version."""
+    return f"module fedtune.local/{name}\n\ngo 1.26\n\nrequire {module} {version}\n"
 
 
 def _staging_modules(version: str) -> list[str]:
@@ -79,7 +90,7 @@ def kubernetes() -> Component:
     staging = "v0." + v.split(".", 1)[1]
     major, minor = v[1:].split(".")[:2]
     replaces = "\n".join(f"\t{m} => {m} {staging}" for m in _staging_modules(v))
-    go_mod = f"module fedtune.local/kubernetes\n\ngo 1.26\n\nrequire k8s.io/kubernetes {v}\n"
+    go_mod = _go_mod("kubernetes", "k8s.io/kubernetes", v)
     go_mod += f"\nreplace (\n{replaces}\n)\n"
     ver = "k8s.io/component-base/version"
     ldflags = (
@@ -94,28 +105,43 @@ def etcd() -> Component:
     """etcd, from the server module's own entry point."""
     main = 'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'
     main += "func main() { etcdmain.Main(os.Args) }\n"
-    go_mod = f"module fedtune.local/etcd\n\ngo 1.26\n\nrequire go.etcd.io/etcd/server/v3 {ETCD_VERSION}\n"
+    go_mod = _go_mod("etcd", "go.etcd.io/etcd/server/v3", ETCD_VERSION)
     return Component("etcd", ETCD_VERSION, go_mod, ["./cmd/etcd"], ["etcd"], files={"cmd/etcd/main.go": main})
 
 
 def helm() -> Component:
     """helm, with its version stamped as a release build does."""
-    go_mod = f"module fedtune.local/helm\n\ngo 1.26\n\nrequire helm.sh/helm/v3 {HELM_VERSION}\n"
+    go_mod = _go_mod("helm", "helm.sh/helm/v3", HELM_VERSION)
     ldflags = f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"
     return Component("helm", HELM_VERSION, go_mod, ["helm.sh/helm/v3/cmd/helm"], ["helm"], ldflags)
 
 
 def versitygw() -> Component:
     """versitygw: an S3 gateway whose posix backend keeps objects as plain files on disk."""
-    go_mod = "module fedtune.local/versitygw\n\ngo 1.26\n\n"
-    go_mod += f"require github.com/versity/versitygw {VERSITYGW_VERSION}\n"
+    go_mod = _go_mod("versitygw", "github.com/versity/versitygw", VERSITYGW_VERSION)
     return Component(
         "versitygw", VERSITYGW_VERSION, go_mod, ["github.com/versity/versitygw/cmd/versitygw"], ["versitygw"]
     )
 
 
+def kueue() -> Component:
+    """Kueue's manager, with the CRDs of the same release copied beside it."""
+    go_mod = _go_mod("kueue", "sigs.k8s.io/kueue", KUEUE_VERSION)
+    crds = [("sigs.k8s.io/kueue", "config/components/crd/bases", "crds")]
+    return Component("kueue", KUEUE_VERSION, go_mod, ["sigs.k8s.io/kueue/cmd/kueue"], ["kueue"], assets=crds)
+
+
+def prometheus() -> Component:
+    """Prometheus with Kubernetes service discovery (and no other: the cloud ones would triple the build), to
+    scrape what the chart's monitors select."""
+    go_mod = _go_mod("prometheus", "github.com/prometheus/prometheus", PROMETHEUS_VERSION)
+    package = "github.com/prometheus/prometheus/cmd/prometheus"
+    tags = "remove_all_sd,enable_kubernetes_sd"
+    return Component("prometheus", PROMETHEUS_VERSION, go_mod, [package], ["prometheus"], tags=tags)
+
+
 def components() -> list[Component]:
-    return [kubernetes(), etcd(), versitygw(), helm()]
+    return [kubernetes(), etcd(), versitygw(), helm(), kueue(), prometheus()]
 
 
 def go_env() -> dict[str, str]:
@@ -156,6 +182,14 @@ def _go(args: list[str], cwd: Path, log: Path) -> None:
         raise RuntimeError(f"go {' '.join(args)} failed (log {log}):\n{tail}")
 
 
+def _module_dir(mod: Path, module: str) -> Path:
+    """Where a module required by the build module lies in the module cache."""
+    found = subprocess.run(
+        [GO, "list", "-m", "-f", "{{.Dir}}", module], cwd=mod, env=go_env(), capture_output=True, text=True, check=True
+    )
+    return Path(found.stdout.strip())
+
+
 def build(c: Component) -> float:
     """Build one component unless cached; returns seconds spent (0 when cached)."""
     if c.cached():
@@ -180,7 +214,10 @@ def build(c: Component) -> float:
         else:
             _go(["get", *(f"{p}@{c.version}" for p in c.packages)], mod, log)
         ldflags = f"-s -w {c.ldflags}".strip()
-        _go(["build", "-trimpath", f"-ldflags={ldflags}", "-o", str(out) + "/", *c.packages], mod, log)
+        tags = [f"-tags={c.tags}"] if c.tags else []
+        _go(["build", "-trimpath", f"-ldflags={ldflags}", *tags, "-o", str(out) + "/", *c.packages], mod, log)
+        for module, folder, dest in c.assets:
+            shutil.copytree(_module_dir(mod, module) / folder, out / dest)
         shutil.copy(mod / "go.mod", out / "go.mod")
         if (mod / "go.sum").exists():
             shutil.copy(mod / "go.sum", out / "go.sum")
@@ -190,11 +227,12 @@ def build(c: Component) -> float:
     return time.monotonic() - start
 
 
-DEBIAN_TOOLS = {"kubectl": "kubectl", "prometheus": "prometheus", "promtool": "prometheus"}
+# promtool (alert rule tests) comes in Debian's prometheus package; Prometheus itself is built above.
+DEBIAN_TOOLS = {"kubectl": "kubectl", "promtool": "prometheus"}
 
 
 def debian_tools(install: bool = True) -> dict[str, str]:
-    """Paths of kubectl, prometheus and promtool, installing missing ones from Debian when root."""
+    """Paths of kubectl and promtool, installing missing ones from Debian when root."""
     missing = sorted({pkg for tool, pkg in DEBIAN_TOOLS.items() if shutil.which(tool) is None})
     if missing and install and os.geteuid() == 0:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

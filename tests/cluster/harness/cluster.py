@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from . import procs
 from .controlplane import ControlPlane
+from .network import LOOPBACK_RANGE, POD_RANGE, route_pod_range
 from .nodes import DEFAULT_POOLS, Pool
 from .s3 import S3Server
 
@@ -45,6 +46,7 @@ class Cluster:
     s3: S3Server | None = None
     python: str = sys.executable
     control_plane: ControlPlane = field(init=False)
+    pods_routed: bool = field(init=False)
     agent: subprocess.Popen[bytes] | None = None
     own_s3: bool = False
     timings: dict[str, float] = field(default_factory=dict)
@@ -53,6 +55,8 @@ class Cluster:
 
     def __post_init__(self) -> None:
         self.control_plane = ControlPlane(self.folder)
+        # Pod addresses Services and Prometheus can reach (see network); loopback ones where not allowed.
+        self.pods_routed = route_pod_range()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -87,6 +91,7 @@ class Cluster:
             "serving_cert": str(pki.pair("agent-serving").cert),
             "serving_key": str(pki.pair("agent-serving").key),
             "path_prefix": [str(Path(self.python).parent)],
+            "pod_range": str(POD_RANGE if self.pods_routed else LOOPBACK_RANGE),
         }
         (self.folder / "agent").mkdir(parents=True, exist_ok=True)
         path = self.folder / "agent.json"
@@ -239,11 +244,12 @@ class Cluster:
         text = procs.wait_for(lambda: pid_file.is_file() and pid_file.read_text(), 60, f"{pid_file}")
         return int(str(text))
 
-    def pod_ports(self, namespace: str, name: str) -> dict[int, int]:
-        """Host port of each declared container port of a running pod (pods share the host network)."""
-        path = self.pod_folder(namespace, name) / "ports.json"
-        procs.wait_for(path.is_file, 60, f"{path}")
-        return {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
+    def pod_ip(self, namespace: str, name: str, timeout: float = 60.0) -> str:
+        """A pod's own address (127.x.y.z on loopback), once its node has reported it."""
+        found = procs.wait_for(
+            lambda: self.core().read_namespaced_pod(name, namespace).status.pod_ip, timeout, f"{namespace}/{name}'s IP"
+        )
+        return str(found)
 
     def kill_pod(self, namespace: str, name: str, container: str | None = None, sig: int = signal.SIGKILL) -> int:
         """Kill a container's process (and its children) as a crash or OOM kill would; returns the pid."""

@@ -8,7 +8,6 @@ process is forked from that thread (its parent-death signal stays valid for the 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import podspec
-from .procs import die_with_parent, free_port
+from .network import PodNetwork
+from .procs import die_with_parent
 
 Obj = dict[str, Any]
 BACKOFF_START = 1.0
@@ -57,12 +57,13 @@ class Container:
 
 @dataclass
 class Context:
-    """What every runner shares: API look-ups, folders and the environment pods inherit."""
+    """What every runner shares: API look-ups, folders, pod addresses and the environment pods inherit."""
 
     lookup: podspec.Lookup
     pods_root: Path
     pvc_root: Path
     base_env: dict[str, str]
+    network: PodNetwork
 
 
 class PodRunner:
@@ -89,7 +90,7 @@ class PodRunner:
         self.started = time.monotonic()
         self.refresh_at = 0.0
         self.deadline_exceeded = False
-        self.ports: dict[str, int] = {}
+        self.address = ctx.network.claim(self.uid, (pod.get("status") or {}).get("podIP"))
         self.pod = pod
 
     # --- driving -------------------------------------------------------------------------------
@@ -105,7 +106,8 @@ class PodRunner:
 
     def sync(self, pod: Obj) -> None:
         """Advance the pod one step towards its spec (or towards its end when it is being deleted)."""
-        self.pod = pod
+        # The downward API reads the pod's address before the API server has heard of it.
+        self.pod = {**pod, "status": {**(pod.get("status") or {}), "podIP": self.address}}
         if pod["metadata"].get("deletionTimestamp"):
             self._terminate(int(pod["metadata"].get("deletionGracePeriodSeconds") or 0))
             return
@@ -189,7 +191,6 @@ class PodRunner:
             env.update(podspec.mounts_env(self.volumes.root, self.folder, mounts))
             env["HOSTNAME"] = self.name
             env["HOME"] = str(self.folder / "home")
-            env.update(self._ports(c))
             env = podspec.container_env(self.pod, c.spec, self.ctx.lookup, env, mounts)
             argv = podspec.in_own_mounts(podspec.command_line(c.spec, env, mounts), mounts)
         except podspec.ConfigError as exc:
@@ -233,26 +234,6 @@ class PodRunner:
         c.waiting = None
         (self.folder / f"{c.name}.pid").write_text(str(c.proc.pid))
 
-    def _ports(self, c: Container) -> dict[str, str]:
-        """Every pod shares the host's network, so each declared port gets a free host port.
-
-        The process finds it in FEDTUNE_PORT_<NAME> (or FEDTUNE_PORTS, JSON container port to host
-        port); ports.json in the pod folder tells tests where to connect.
-        """
-        env: dict[str, str] = {}
-        mapping: dict[str, int] = {}
-        for port in c.spec.get("ports") or []:
-            key = str(port["containerPort"])
-            if key not in self.ports:
-                self.ports[key] = free_port()
-            mapping[key] = self.ports[key]
-            if port.get("name"):
-                env["FEDTUNE_PORT_" + port["name"].upper().replace("-", "_")] = str(self.ports[key])
-        if mapping:
-            env["FEDTUNE_PORTS"] = json.dumps(mapping, sort_keys=True)
-            (self.folder / "ports.json").write_text(json.dumps(self.ports, sort_keys=True))
-        return env
-
     # --- ending --------------------------------------------------------------------------------
 
     def signal_all(self, sig: int) -> None:
@@ -269,6 +250,10 @@ class PodRunner:
         elif self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
             self.signal_all(signal.SIGKILL)
         self._reap()
+
+    def ended(self) -> bool:
+        """Every process has ended for good: the pod's address can go to another pod."""
+        return self.phase() in ("Succeeded", "Failed") and not any(c.running for c in self.containers())
 
     def finished_terminating(self) -> bool:
         return self.terminating_since is not None and not any(c.running for c in self.containers())
@@ -359,8 +344,8 @@ class PodRunner:
             "conditions": conditions,
             "hostIP": "127.0.0.1",
             "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": "127.0.0.1",
-            "podIPs": [{"ip": "127.0.0.1"}],
+            "podIP": self.address,
+            "podIPs": [{"ip": self.address}],
             "startTime": self.start_time,
             "containerStatuses": [self._container_status(c) for c in self.main],
         }
