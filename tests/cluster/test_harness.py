@@ -345,7 +345,7 @@ def test_each_pod_serves_its_declared_port_on_its_own_address(cluster: Cluster, 
         }
 
     if not cluster.pods_routed:
-        pytest.skip("pod addresses are loopback ones here (routing 198.18.0.0/15 locally needs root): no Endpoints")
+        pytest.skip("pod addresses are loopback ones here (routing 198.19.0.0/16 locally needs root): no Endpoints")
     want = {(a, 9090) for a in addresses.values()}
     wait_for(lambda: endpoints() == want, 60, f"the Service's endpoints to be {want}")
 

@@ -80,8 +80,9 @@ def running(folder: Path, scrape_configs: list[Obj]) -> Iterator[Prometheus]:
         proc.wait(timeout=30)
 
 
-def _meta_label(kind: str, label: str) -> str:
-    return f"__meta_kubernetes_{kind}_label_{re.sub(r'[^a-zA-Z0-9_]', '_', label)}"
+def _meta_label(kind: str, label: str, present: bool = False) -> str:
+    name = re.sub(r"[^a-zA-Z0-9_]", "_", label)
+    return f"__meta_kubernetes_{kind}_label{'present' if present else ''}_{name}"
 
 
 def _relabeling(r: Obj) -> Obj:
@@ -93,9 +94,11 @@ def _relabeling(r: Obj) -> Obj:
 def scrape_config(monitor: Obj, kubeconfig: Path, interval: str = "1s") -> Obj:
     """What the Prometheus Operator generates for a PodMonitor or ServiceMonitor with one endpoint.
 
-    Pods discovered directly (PodMonitor) or through their Service's EndpointSlices (ServiceMonitor);
-    kept by the selector's labels and the endpoint's port name; finished pods dropped; namespace, pod,
-    container, endpoint and job set as target labels, then the monitor's own relabelings.
+    Pods discovered directly (PodMonitor) or through their Service's EndpointSlices (ServiceMonitor, as
+    with the operator's serviceDiscoveryRole EndpointSlice); kept by the selector's labels and the
+    endpoint's port name; finished pods dropped; namespace, pod, container, endpoint, service and job set
+    as the operator sets them (job: the Service's name, or namespace/name of the PodMonitor), then the
+    monitor's own relabelings.
     """
     meta, spec = monitor["metadata"], monitor["spec"]
     pods = monitor["kind"] == "PodMonitor"
@@ -103,12 +106,16 @@ def scrape_config(monitor: Obj, kubeconfig: Path, interval: str = "1s") -> Obj:
     assert len(endpoints) == 1, f"{monitor['kind']} {meta['name']}: one endpoint expected"
     endpoint = endpoints[0]
     discovery: Obj = {"role": "pod" if pods else "endpointslice", "kubeconfig_file": str(kubeconfig)}
-    names = (spec.get("namespaceSelector") or {}).get("matchNames")
-    if names:
-        discovery["namespaces"] = {"names": names}
+    selector = spec.get("namespaceSelector") or {}
+    if not selector.get("any"):
+        discovery["namespaces"] = {"names": selector.get("matchNames") or [meta["namespace"]]}
     selected = "pod" if pods else "service"
     relabel: list[Obj] = [
-        {"action": "keep", "source_labels": [_meta_label(selected, k)], "regex": re.escape(v)}
+        {
+            "action": "keep",
+            "source_labels": [_meta_label(selected, k), _meta_label(selected, k, present=True)],
+            "regex": f"({re.escape(v)});true",
+        }
         for k, v in spec["selector"]["matchLabels"].items()
     ]
     port_label = "__meta_kubernetes_pod_container_port_name" if pods else "__meta_kubernetes_endpointslice_port_name"
@@ -119,8 +126,12 @@ def scrape_config(monitor: Obj, kubeconfig: Path, interval: str = "1s") -> Obj:
         {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
         {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
         {"target_label": "endpoint", "replacement": endpoint["port"]},
-        {"target_label": "job", "replacement": meta["name"]},
     ]
+    if pods:
+        relabel.append({"target_label": "job", "replacement": f"{meta['namespace']}/{meta['name']}"})
+    else:
+        for label in ("service", "job"):
+            relabel.append({"source_labels": ["__meta_kubernetes_service_name"], "target_label": label})
     relabel += [_relabeling(r) for r in endpoint.get("relabelings") or []]
     return {
         "job_name": f"{monitor['kind'].lower()}/{meta['namespace']}/{meta['name']}/0",

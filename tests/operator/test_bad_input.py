@@ -230,6 +230,9 @@ def test_run_defining_fields_are_immutable_but_suspend_is_not(crds: Cluster, ns:
     code, out = apply(crds, ns, resource("immutable", peft={"r": 8}, clients=TWO_CLIENTS[:1]), tmp_path)
     assert code != 0 and "spec.clients cannot change" in out, out
 
+    code, out = apply(crds, ns, resource("immutable", peft={"r": 8}, queueName="gpus"), tmp_path)
+    assert code != 0 and "spec.queueName cannot be set, changed or removed" in out, out
+
     code, out = apply(crds, ns, resource("immutable", peft={"r": 8}, suspend=True), tmp_path)
     assert code == 0, out
     stored = yaml.safe_load(crds.kubectl("get", "fft", "immutable", "-n", ns, "-o", "yaml").stdout)

@@ -58,6 +58,7 @@ NAMESPACED_RULES = {
 CLUSTER_READS = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("", "namespaces"): {"list", "watch"},
+    ("kueue.x-k8s.io", "resourceflavors"): {"get"},
 }
 PEERING_VERBS = {"get", "list", "watch", "patch"}
 STORE = {"to": [{"ipBlock": {"cidr": "10.20.0.0/24"}}], "ports": [{"port": 443, "protocol": "TCP"}]}

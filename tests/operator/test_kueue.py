@@ -97,8 +97,8 @@ def test_a_queued_run_waits_whole_and_starts_whole_when_quota_frees(
             ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
             return ready.get("reason") == "Queued" and "insufficient" in ready.get("message", "")
 
-        status = runs.wait("gang", queued_for_quota, 90, "the run to wait for quota, saying so")
-        assert status["state"] == "Pending"
+        status = runs.wait("gang", queued_for_quota, 90, "the run to wait for quota, saying so")["status"]
+        assert status["state"] == "Pending" and "startTime" not in status
         jobs = batch.list_namespaced_job(namespace, label_selector="fedtune.io/run=gang").items
         assert len(jobs) == 4 and all(j.spec.suspend for j in jobs), "every Job exists, held"
         assert cluster.core().list_namespaced_pod(namespace, label_selector="fedtune.io/run=gang").items == []

@@ -3,6 +3,7 @@ operator reads them, every write and Event recorded."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import kopf
@@ -52,12 +53,18 @@ class FakeKube:
     def delete_run(self, namespace: str, name: str) -> None:
         self.deleted.append(f"FederatedFineTune/{name}")
 
-    def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
-        self.objects["Job", name]["spec"]["suspend"] = suspend
-        self.suspended.append((name, suspend))
+    def patch_job(self, namespace: str, name: str, patch: Obj) -> None:
+        job = self.objects["Job", name]
+        job["spec"]["suspend"] = patch["spec"]["suspend"]
+        job["spec"]["template"]["spec"].update((patch["spec"].get("template") or {}).get("spec") or {})
+        self.suspended.append((name, patch["spec"]["suspend"]))
 
     def workload(self, namespace: str, name: str) -> Obj | None:
-        return self.objects.get(("Workload", name))
+        found = self.objects.get(("Workload", name))
+        return copy.deepcopy(found) if found else None
+
+    def resource_flavor(self, name: str) -> Obj | None:
+        return self.objects.get(("ResourceFlavor", name))
 
     def delete_workload(self, namespace: str, name: str) -> None:
         if self.objects.pop(("Workload", name), None) is not None:
@@ -65,7 +72,7 @@ class FakeKube:
 
     def jobs(self, namespace: str, run: str) -> dict[str, Obj]:
         return {
-            name: job
+            name: copy.deepcopy(job)
             for (kind, name), job in self.objects.items()
             if kind == "Job" and job["metadata"]["labels"].get(RUN_LABEL) == run
         }

@@ -85,19 +85,6 @@ def test_a_run_waits_whole_until_kueue_admits_it_then_starts_whole() -> None:
     assert set(suspended(kube).values()) == {False} and status.condition("Ready").reason == "ChildrenReady"  # type: ignore[union-attr]
 
 
-def test_an_evicted_run_stops_every_job_and_says_why() -> None:
-    kube, res = FakeKube(storage_secrets(*PARTIES)), queued()
-    status = once(kube, res)
-    kueue_says(kube, QuotaReserved=("True", ""), Admitted=("True", ""))
-    status = once(kube, res, status)
-    kube.suspended.clear()
-    kueue_says(kube, Evicted=("True", "Preempted to accommodate a higher priority workload"), Admitted=("False", ""))
-    status = once(kube, res, status)
-    assert sorted(kube.suspended) == sorted((n, True) for n in job_names(res))
-    ready = status.condition("Ready")
-    assert ready is not None and ready.message.startswith("evicted by Kueue: Preempted")
-
-
 def test_a_deleted_workload_is_made_again_and_the_run_waits_for_it() -> None:
     kube, res = FakeKube(storage_secrets(*PARTIES)), queued()
     status = once(kube, res)
@@ -107,13 +94,81 @@ def test_a_deleted_workload_is_made_again_and_the_run_waits_for_it() -> None:
     assert kube.created == [f"Workload/{WORKLOAD}"] and set(suspended(kube).values()) == {True}
 
 
-def test_suspending_or_failing_gives_the_quota_back_before_the_pods_go() -> None:
+def test_suspending_or_failing_removes_the_pods_and_gives_the_quota_back() -> None:
     for old, res in ((RunStatus(), queued(suspend=True)), (RunStatus(state="Failed"), queued())):
         kube = FakeKube(storage_secrets(*PARTIES))
         once(kube, queued().model_copy(update={"metadata": res.metadata}))
         kube.deleted.clear()
         once(kube, res, old)
-        assert kube.deleted[0] == f"Workload/{WORKLOAD}" and len(kube.deleted) == 1 + len(job_names(res))
+        assert sorted(kube.deleted) == sorted([f"Workload/{WORKLOAD}", *(f"Job/{n}" for n in job_names(res))])
+
+
+def test_a_run_that_failed_before_its_jobs_existed_gives_its_quota_back() -> None:
+    kube, res = FakeKube(storage_secrets(*PARTIES)), queued()
+    kube.create(gang.workload(res))
+    once(kube, res, RunStatus(state="Failed"))
+    assert kube.deleted == [f"Workload/{WORKLOAD}"]
+
+
+def test_an_eviction_stops_every_job_then_queues_the_run_afresh() -> None:
+    kube, res = FakeKube(storage_secrets(*PARTIES)), queued()
+    status = once(kube, res)
+    kueue_says(kube, QuotaReserved=("True", ""), Admitted=("True", ""))
+    status = once(kube, res, status)
+    kube.suspended.clear()
+    # Kueue leaves an evicted Workload Admitted until its owner has stopped the pods.
+    kueue_says(kube, QuotaReserved=("True", ""), Admitted=("True", ""), Evicted=("True", "Preempted"))
+    for name in job_names(res):
+        kube.objects["Job", name]["status"] = {"active": 1}
+    status = once(kube, res, status)
+    assert sorted(kube.suspended) == sorted((n, True) for n in job_names(res))
+    ready = status.condition("Ready")
+    assert ready is not None and ready.message == "evicted by Kueue: Preempted"
+    assert ("Workload", WORKLOAD) in kube.objects, "kept while its pods still run"
+    for name in job_names(res):
+        kube.objects["Job", name]["status"] = {}
+    status = once(kube, res, status)
+    assert f"Workload/{WORKLOAD}" in kube.deleted, "its pods gone, the run is queued afresh"
+    kube.created.clear()
+    once(kube, res, status)
+    assert kube.created == [f"Workload/{WORKLOAD}"] and set(suspended(kube).values()) == {True}
+
+
+def test_a_workload_the_run_did_not_make_cannot_start_it() -> None:
+    kube, res = FakeKube(storage_secrets(*PARTIES)), queued()
+    forged = gang.workload(res)
+    forged["metadata"]["ownerReferences"] = []
+    forged["status"] = {"conditions": [{"type": "Admitted", "status": "True"}]}
+    kube.objects["Workload", WORKLOAD] = forged
+    status = once(kube, res)
+    ready = status.condition("Ready")
+    assert ready is not None and ready.reason == "WorkloadConflict" and "spec.queueName" in ready.message
+    assert kube.suspended == [] and set(suspended(kube).values()) == {True}
+
+
+def test_admitted_jobs_start_on_the_nodes_of_the_flavors_kueue_chose() -> None:
+    kube, res = FakeKube(storage_secrets(*PARTIES)), queued()
+    status = once(kube, res)
+    toleration = {"key": "reserved", "operator": "Exists", "effect": "NoSchedule"}
+    kube.objects["ResourceFlavor", "a100-spot"] = {
+        "spec": {"nodeLabels": {"spot": "true"}, "tolerations": [toleration]}
+    }
+    kueue_says(kube, QuotaReserved=("True", ""), Admitted=("True", ""))
+    assignments = [{"name": "clients-0", "flavors": {"nvidia.com/gpu": "a100-spot", "cpu": "a100-spot"}}]
+    kube.objects["Workload", WORKLOAD]["status"]["admission"] = {"podSetAssignments": assignments}
+    once(kube, res, status)
+    pods = {n: kube.objects["Job", n]["spec"]["template"]["spec"] for n in job_names(res)}
+    for client, spot in (("clinic", True), ("bank", True), ("devops", False)):
+        pod = pods[f"quickstart-client-{client}"]
+        assert (pod["nodeSelector"].get("spot") == "true") is spot
+        assert (toleration in pod["tolerations"]) is spot
+    assert pods["quickstart-client-clinic"]["nodeSelector"]["fedtune.io/pool"] == "gpu-a100", "the run's own kept"
+
+
+def test_time_in_the_queue_does_not_count_against_the_deadline() -> None:
+    kube, res = FakeKube(storage_secrets(*PARTIES)), queued(activeDeadlineSeconds=60)
+    status = once(kube, res)
+    assert status.start_time is None and status.state == "Pending"
 
 
 def test_a_cluster_without_kueue_holds_the_run_with_a_condition_naming_the_field() -> None:

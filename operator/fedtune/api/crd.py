@@ -86,6 +86,14 @@ def spec_schema() -> dict[str, Any]:
         props[field].setdefault("x-kubernetes-validations", []).append(
             {"rule": "self == oldSelf", "message": f"spec.{field} cannot change once the run exists"}
         )
+    # The queue admits the run as a whole: a run cannot move in or out of Kueue, or between queues, midway.
+    schema.setdefault("x-kubernetes-validations", []).append(
+        {
+            "rule": "has(self.queueName) == has(oldSelf.queueName) && "
+            "(!has(self.queueName) || self.queueName == oldSelf.queueName)",
+            "message": "spec.queueName cannot be set, changed or removed once the run exists",
+        }
+    )
     # Pods on a cluster share no folder, so the local default store would split the run: name one.
     schema["required"] = [*schema["required"], "storage"]
     props["storage"]["required"] = ["uri"]

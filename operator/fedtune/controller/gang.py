@@ -16,26 +16,22 @@ from typing import Any
 
 from fedtune.api.spec import ClientSpec, FederatedFineTune
 from fedtune.controller import builders
-from fedtune.controller.names import workload_name
+from fedtune.controller.names import aggregator_name, client_job_name, workload_name
 
 Manifest = dict[str, Any]
 
 KUEUE_GROUP = "kueue.x-k8s.io"
 KUEUE_VERSION = "v1beta2"
 WORKLOADS = "workloads"
+FLAVORS = "resourceflavors"
 # Kueue's limit on a Workload's pod sets.
 MAX_POD_SETS = 8
 
 
 def _shape(client: ClientSpec) -> str:
     """What Kueue reads of a pod to place it: requests, node selector, tolerations, affinity."""
-    shape = {
-        "resources": client.resources.model_dump(mode="json"),
-        "nodeSelector": client.node_selector,
-        "tolerations": client.tolerations,
-        "affinity": client.affinity,
-    }
-    return json.dumps(shape, sort_keys=True, default=str)
+    shape = client.model_dump(mode="json", include={"resources", "node_selector", "tolerations", "affinity"})
+    return json.dumps(shape, sort_keys=True)
 
 
 def client_groups(res: FederatedFineTune) -> list[list[ClientSpec]]:
@@ -72,6 +68,40 @@ def workload(res: FederatedFineTune) -> Manifest:
     }
 
 
+def pod_sets_of_jobs(res: FederatedFineTune) -> dict[str, str]:
+    """Job name -> the pod set of the Workload that admits it."""
+    run = res.metadata.name
+    out = {aggregator_name(run): "aggregator"}
+    for i, group in enumerate(client_groups(res)):
+        out.update({client_job_name(run, c.name): f"clients-{i}" for c in group})
+    return out
+
+
+def assigned_flavors(workload: Manifest) -> dict[str, list[str]]:
+    """Pod set -> the ResourceFlavors Kueue admitted it on."""
+    assignments = ((workload.get("status") or {}).get("admission") or {}).get("podSetAssignments") or []
+    return {a["name"]: sorted(set((a.get("flavors") or {}).values())) for a in assignments}
+
+
+def start_patch(job: Manifest, flavors: list[Manifest]) -> Manifest:
+    """The patch that starts a Job on the nodes of the flavors Kueue assigned it (their node labels and
+    tolerations added to its pods), as Kueue's own integrations do."""
+    pod = job["spec"]["template"]["spec"]
+    labels = {k: v for f in flavors for k, v in ((f.get("spec") or {}).get("nodeLabels") or {}).items()}
+    tolerations = list(pod.get("tolerations") or [])
+    for f in flavors:
+        tolerations += [t for t in (f.get("spec") or {}).get("tolerations") or [] if t not in tolerations]
+    template: Manifest = {}
+    if labels:
+        template["nodeSelector"] = {**(pod.get("nodeSelector") or {}), **labels}
+    if len(tolerations) > len(pod.get("tolerations") or []):
+        template["tolerations"] = tolerations
+    patch: Manifest = {"spec": {"suspend": False}}
+    if template:
+        patch["spec"]["template"] = {"spec": template}
+    return patch
+
+
 def _condition(workload: Manifest, kind: str) -> Manifest:
     found = (c for c in (workload.get("status") or {}).get("conditions") or [] if c.get("type") == kind)
     return next(found, {})
@@ -82,11 +112,12 @@ def admission(res: FederatedFineTune, workload: Manifest | None) -> tuple[bool, 
     queue = res.spec.queue_name
     if workload is None:
         return False, f"waiting for the Kueue workload of LocalQueue {queue} to be created"
-    if _condition(workload, "Admitted").get("status") == "True":
-        return True, ""
+    # Kueue marks an evicted Workload Evicted and leaves it Admitted until its owner has stopped its pods.
     evicted = _condition(workload, "Evicted")
     if evicted.get("status") == "True":
         return False, f"evicted by Kueue: {evicted.get('message') or evicted.get('reason')}"
+    if _condition(workload, "Admitted").get("status") == "True":
+        return True, ""
     reserved = _condition(workload, "QuotaReserved")
     said = reserved.get("message") or _condition(workload, "Admitted").get("message")
     if said:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,10 +18,11 @@ from kubernetes.client.exceptions import ApiException
 
 from fedtune.api.spec import API_GROUP, API_VERSION, CREDENTIALS_LABEL, KIND, PLURAL
 from fedtune.controller.builders import RUN_LABEL
-from fedtune.controller.gang import KUEUE_GROUP, KUEUE_VERSION, WORKLOADS
+from fedtune.controller.gang import FLAVORS, KUEUE_GROUP, KUEUE_VERSION, WORKLOADS
 from fedtune.errors import FedtuneError
 
 Obj = dict[str, Any]
+KUEUE = (KUEUE_GROUP, KUEUE_VERSION)
 
 
 class NotServed(FedtuneError):
@@ -45,11 +47,14 @@ class Kube(Protocol):
     def delete_run(self, namespace: str, name: str) -> None:
         """Delete the FederatedFineTune itself."""
 
-    def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
-        """Suspend a Job (its pods go) or let it run."""
+    def patch_job(self, namespace: str, name: str, patch: Obj) -> None:
+        """Merge-patch a Job: suspend it (its pods go), or start it where Kueue placed it."""
 
     def workload(self, namespace: str, name: str) -> Obj | None:
         """A Kueue Workload; None if there is none of that name."""
+
+    def resource_flavor(self, name: str) -> Obj | None:
+        """A Kueue ResourceFlavor (cluster-scoped); None if there is none of that name."""
 
     def delete_workload(self, namespace: str, name: str) -> None:
         """Delete a Kueue Workload, giving its quota back; one already gone is fine."""
@@ -95,7 +100,7 @@ class KubeClient(Kube):
             elif kind == "Secret":
                 self.core.create_namespaced_secret(ns, manifest)
             elif kind == "Workload":
-                self.custom.create_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, ns, WORKLOADS, manifest)
+                self.custom.create_namespaced_custom_object(*KUEUE, ns, WORKLOADS, manifest)
             else:
                 raise FedtuneError(f"cannot create a {kind}")
         except ApiException as e:
@@ -116,21 +121,18 @@ class KubeClient(Kube):
     def delete_run(self, namespace: str, name: str) -> None:
         self.custom.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
 
-    def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
-        self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+    def patch_job(self, namespace: str, name: str, patch: Obj) -> None:
+        self.batch.patch_namespaced_job(name, namespace, patch)
 
     def workload(self, namespace: str, name: str) -> Obj | None:
-        try:
-            got = self.custom.get_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace, WORKLOADS, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return dict(got)
+        return _found(lambda: self.custom.get_namespaced_custom_object(*KUEUE, namespace, WORKLOADS, name))
+
+    def resource_flavor(self, name: str) -> Obj | None:
+        return _found(lambda: self.custom.get_cluster_custom_object(*KUEUE, FLAVORS, name))
 
     def delete_workload(self, namespace: str, name: str) -> None:
         try:
-            self.custom.delete_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace, WORKLOADS, name)
+            self.custom.delete_namespaced_custom_object(*KUEUE, namespace, WORKLOADS, name)
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -170,3 +172,13 @@ def _items(response: Any) -> list[Obj]:
     """A list's items as the API server's JSON: decoding them into the client's model objects and back
     would cost most of a pass's CPU for a run of many clients."""
     return list(json.loads(response.data)["items"])
+
+
+def _found(read: Callable[[], Any]) -> Obj | None:
+    """A custom object as a dict; None if it does not exist."""
+    try:
+        return dict(read())
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise

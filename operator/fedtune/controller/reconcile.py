@@ -151,20 +151,40 @@ def _finished(job: Obj) -> bool:
 
 def _gate(kube: Kube, res: FederatedFineTune, jobs: dict[str, Obj]) -> tuple[str, str] | None:
     """A queued run's Jobs run exactly while Kueue admits its Workload; why it waits, or None once admitted."""
-    ns = res.metadata.namespace
-    workload = kube.workload(ns, workload_name(res.metadata.name))
+    ns, uid = res.metadata.namespace, res.metadata.uid
+    name = workload_name(res.metadata.name)
+    workload = kube.workload(ns, name)
+    if workload is not None and not any(o.get("uid") == uid for o in workload["metadata"].get("ownerReferences") or []):
+        # Anyone may create a Workload: one the run did not make must not start it (a forged admission).
+        return "WorkloadConflict", f"spec.queueName: Workload {ns}/{name} exists and belongs to no run of this uid"
     if workload is None and jobs:  # deleted under a run that still needs it: queue the run again
         try:
             kube.create(gang.workload(res))
         except NotServed as e:
             return "KueueNotInstalled", f"spec.queueName: {e}"
     admitted, why = gang.admission(res, workload)
-    for name, job in jobs.items():
-        if bool(job["spec"].get("suspend")) == admitted and not _finished(job):
-            kube.suspend_job(ns, name, not admitted)
-            job["spec"]["suspend"] = not admitted
-            log.info("%s Job %s/%s", "started" if admitted else "suspended", ns, name)
+    pod_sets, flavors = gang.pod_sets_of_jobs(res), gang.assigned_flavors(workload or {})
+    for job_name, job in jobs.items():
+        if bool(job["spec"].get("suspend")) != admitted or _finished(job):
+            continue
+        if admitted:
+            found = (kube.resource_flavor(f) for f in flavors.get(pod_sets.get(job_name, ""), []))
+            kube.patch_job(ns, job_name, gang.start_patch(job, [f for f in found if f is not None]))
+        else:
+            kube.patch_job(ns, job_name, {"spec": {"suspend": True}})
+        log.info("%s Job %s/%s", "started" if admitted else "suspended", ns, job_name)
+    if (
+        workload is not None
+        and not admitted
+        and why.startswith("evicted")
+        and not any(_active(j) for j in jobs.values())
+    ):
+        kube.delete_workload(ns, name)  # its pods are gone: queue the run afresh (the next pass recreates it)
     return None if admitted else ("Queued", why)
+
+
+def _active(job: Obj) -> bool:
+    return bool((job.get("status") or {}).get("active"))
 
 
 def reconcile(
@@ -184,10 +204,10 @@ def reconcile(
     plan = children_plan(res, old, observed.progress)
     queued = res.spec.queue_name is not None
     if plan == "remove":
-        if queued and (observed.jobs or not settled(old)):
-            kube.delete_workload(ns, workload_name(name))  # its quota goes back to the queue, then its pods go
         for job in observed.jobs:
             kube.delete_job(ns, job)
+        if queued:
+            kube.delete_workload(ns, workload_name(name))  # its quota goes back to the queue
     elif plan == "keep" and queued and not settled(old):
         kube.delete_workload(ns, workload_name(name))  # the run has its result
     elif plan == "ensure":

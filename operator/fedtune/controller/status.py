@@ -162,6 +162,7 @@ def compute(o: Observed) -> RunStatus:
     else:
         completed = prog.final.rounds if prog.final else max((prog.committed or 0) - failed_rounds, 0)
     unschedulable = _unschedulable(o.pods)
+    queued = o.blocked is not None and o.blocked[0] == "Queued"
 
     state: RunState
     failure = None if prog.final else _failure(o, clients, agg_state)
@@ -207,8 +208,8 @@ def compute(o: Observed) -> RunStatus:
         clients=clients,
         aggregator=PartyStatus(state=agg_state, restarts=agg_failures),
         run_root=builders.run_root(res),
-        # The deadline clock stops while suspended and starts afresh on resume, as a Job's does.
-        start_time=None if state == SUSPENDED else o.old.start_time or o.now,
+        # The deadline clock stops while suspended or queued and starts afresh on resume, as a Job's does.
+        start_time=None if state == SUSPENDED or queued else o.old.start_time or o.now,
         conditions=[
             _condition(o, "Ready", ready, ready_reason, ready_msg),
             *(_condition(o, t, state == t, reason if state == t else f"Not{t}", message) for t in STATE_CONDITIONS),

@@ -64,7 +64,7 @@ def forget_run(namespace: str, name: str) -> None:
 def serve(port: int | None, address: str = "") -> None:
     """Expose /metrics on port (0 or None: not served) at address (empty: every interface).
 
-    Pods bind their own pod IP, so pods sharing a network (hostNetwork, a test node) never clash.
+    Pods bind their own pod IP, so pods that share one network (as on the test cluster) never clash.
     A taken port costs the metrics, not the run.
     """
     if not port:

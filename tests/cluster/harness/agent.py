@@ -215,7 +215,8 @@ class Agent:
             live = set(self.nodes) - self.gone
             frozen = {n for n, mode in self.modes.items() if mode == "unreachable"}
         seen = set()
-        for pod in pods:
+        # Pods that already have an address claim it before new pods take the lowest free ones.
+        for pod in sorted(pods, key=lambda p: not (p.get("status") or {}).get("podIP")):
             node = pod["spec"].get("nodeName")
             if node not in live:
                 continue

@@ -3,8 +3,9 @@
 Every pod's processes share the host's network namespace, so two pods serving the same declared port
 would clash on 0.0.0.0. Instead each pod gets an address of its own, reported as its ``status.podIP`` and
 handed to it through the downward API; a process that binds its pod IP serves its declared ports beside
-every other pod's. The addresses come from 198.18.0.0/15 (set aside for network benchmarks, so on no
-real network), which ``route_pod_range`` makes local to this machine as 127.0.0.0/8 is: Endpoints and
+every other pod's. The addresses come from 198.19.0.0/16 (half of the range set aside for network
+benchmarks, so on no real network; the other half is where proxies put their fake addresses), which
+``route_pod_range`` makes local to this machine as 127.0.0.0/8 is: Endpoints and
 EndpointSlices accept them (they refuse loopback addresses) and Prometheus' discovery reaches them. Where
 the route cannot be added (not root), pods get 127.x.y.z addresses: they serve side by side, but no
 Service finds them.
@@ -25,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
-POD_RANGE = ipaddress.ip_network("198.18.0.0/15")
+POD_RANGE = ipaddress.ip_network("198.19.0.0/16")
 LOOPBACK_RANGE = ipaddress.ip_network("127.0.0.0/8")
 HOSTS = range(1, 255)
 
