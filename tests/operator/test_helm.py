@@ -47,6 +47,8 @@ NAMESPACED_RULES = {
     ("fedtune.io", "federatedfinetunes"): {"get", "list", "watch", "patch", "delete"},
     ("fedtune.io", "federatedfinetunes/status"): {"patch"},
     ("fedtune.io", "federatedfinetunes/finalizers"): {"update"},
+    ("fedtune.io", "federatedclients"): {"get", "list", "watch", "patch"},
+    ("fedtune.io", "federatedclients/status"): {"patch"},
     ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
     ("kueue.x-k8s.io", "workloads"): {"create", "get", "delete"},
     ("", "pods"): {"get", "list", "watch"},

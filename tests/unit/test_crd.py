@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fedtune.api.crd import crd
+from fedtune.api.crd import crd, fedclient_crd
 from fedtune.cli.main import app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,12 +34,33 @@ def properties(node: dict[str, Any], path: str) -> Iterator[tuple[str, dict[str,
         yield from properties(node["additionalProperties"], f"{path}{{}}")
 
 
-def test_committed_crd_is_what_fedtune_crd_prints() -> None:
-    result = CliRunner().invoke(app, ["crd"])
+@pytest.mark.parametrize(
+    ("args", "committed"),
+    [([], COMMITTED), (["--kind", "FederatedClient"], REPO / "crds" / "fedtune.io_federatedclients.yaml")],
+)
+def test_committed_crds_are_what_fedtune_crd_prints(args: list[str], committed: Path) -> None:
+    result = CliRunner().invoke(app, ["crd", *args])
     assert result.exit_code == 0, result.output
-    assert COMMITTED.read_text() == result.output, (
-        f"{COMMITTED.relative_to(REPO)} is stale: run `fedtune crd > crds/{COMMITTED.name}`"
+    assert committed.read_text() == result.output, (
+        f"{committed.relative_to(REPO)} is stale: run `fedtune crd {' '.join(args)} > crds/{committed.name}`"
     )
+
+
+def test_federated_client_is_documented_and_lists_like_a_run() -> None:
+    fedclient = fedclient_crd()
+    names = fedclient["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        "FederatedClient",
+        "federatedclients",
+        ["fedclient"],
+    )
+    version = fedclient["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]["properties"]
+    undocumented = [p for p, node in properties(schema["spec"], "spec") if not node.get("description")]
+    undocumented += [p for p, node in properties(schema["status"], "status") if not node.get("description")]
+    assert not undocumented, undocumented
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns[:2] == ["State", "Round"] and "Age" in columns
 
 
 def test_chart_crds_are_copies_of_crds() -> None:

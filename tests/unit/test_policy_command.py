@@ -75,3 +75,16 @@ def test_a_model_prefix_overlapping_the_run_is_refused() -> None:
         bucket_policy("s3://fedtune/runs/r", "agg", {"a": "a"}, "s3://fedtune/runs/other/model", "s3://fedtune/runs")
     other_bucket = bucket_policy("s3://fedtune/runs/r", "agg", {"a": "a"}, "s3://models/tiny")
     assert "EveryPartyReadsModel" not in {s["Sid"] for s in other_bucket["Statement"]}
+
+
+def test_a_run_with_its_own_run_root_needs_no_uid(tmp_path: Path) -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["storage"]["runRoot"] = "studies/cardio"
+    spec = tmp_path / "run.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    out = subprocess.run(
+        [sys.executable, "-m", "fedtune", "policy", str(spec)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    writes = {s["Sid"]: s for s in json.loads(out.stdout)["Statement"]}["AggregatorWritesCoordinator"]
+    assert writes["Resource"] == ["arn:aws:s3:::fedtune/runs/studies/cardio/coordinator/*"]

@@ -49,6 +49,14 @@ BROKEN: list[tuple[str, str, dict[str, Any], str]] = [
     ),
     ("TokenizerSpec", "", {"tokenizer": {"name": "t", "builtin": "bytes"}}, "spec.tokenizer"),
     ("PartySpec", "publicKey", {"aggregator": {"publicKey": KEY}}, "spec.aggregator.publicKey"),
+    ("ClientSpec", "publicKey", {"clients": client(publicKey=KEY)}, "spec.clients[0].publicKey"),
+    ("ClientSpec", "publicKey", {"clients": client(external=True)}, "spec.clients[0].publicKey"),
+    (
+        "ClientSpec",
+        "external",
+        {"clients": client(external=True, publicKey=KEY, secretRef="s3")},
+        "spec.clients[0].external",
+    ),
     ("DataSpec", "uri", {"clients": client(data={"uri": "gs://b/a.jsonl"})}, "spec.clients[0].data.uri"),
     (
         "DataSpec",

@@ -46,6 +46,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [fedtune.io]
   resources: [federatedfinetunes/finalizers]
   verbs: [update]
+# Clients of runs coordinated in other clusters, run here (in a silo's cluster).
+- apiGroups: [fedtune.io]
+  resources: [federatedclients]
+  verbs: [get, list, watch, patch]
+- apiGroups: [fedtune.io]
+  resources: [federatedclients/status]
+  verbs: [patch]
 - apiGroups: [batch]
   resources: [jobs]
   # patch: a queued run's Jobs are suspended until Kueue admits the run, and again if it is evicted.

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from fedtune.api.fedclient import FederatedClient
 from fedtune.api.spec import FederatedFineTune
 from fedtune.errors import FedtuneError
 
@@ -52,6 +53,16 @@ def parse_resource(doc: Any, source: str = "spec") -> FederatedFineTune:
         raise SpecError(source, ["the document must be a mapping with apiVersion, kind, metadata and spec"])
     try:
         return FederatedFineTune.model_validate(doc)
+    except ValidationError as err:
+        raise SpecError(source, format_errors(err)) from None
+
+
+def parse_fedclient(doc: Any, source: str = "FederatedClient") -> FederatedClient:
+    """Validate a FederatedClient given as a mapping (apiVersion/kind/metadata/spec)."""
+    if not isinstance(doc, dict):
+        raise SpecError(source, ["the document must be a mapping with apiVersion, kind, metadata and spec"])
+    try:
+        return FederatedClient.model_validate(doc)
     except ValidationError as err:
         raise SpecError(source, format_errors(err)) from None
 

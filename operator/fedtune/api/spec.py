@@ -21,6 +21,8 @@ KIND = "FederatedFineTune"
 PLURAL = "federatedfinetunes"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Path segments of DNS labels: no empty, "." or ".." segment can climb out of storage.uri.
+RUN_ROOT = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 MAX_CLIENTS = 256
 # `ed25519:` and the base64 of the 32-byte public key, as `fedtune keygen` prints it.
 PUBLIC_KEY = r"^ed25519:[A-Za-z0-9+/]{43}=$"
@@ -417,7 +419,7 @@ class PartySpec(PlacementSpec):
         f"into this party's pod only. Needs the label {CREDENTIALS_LABEL}.",
     )
 
-    rules = (
+    rules: ClassVar[tuple[Rule[Any], ...]] = (
         Rule["PartySpec"](
             field="publicKey",
             message="publicKey and signingKeySecretRef go together: the Secret holds the private half of the key",
@@ -425,6 +427,9 @@ class PartySpec(PlacementSpec):
             find=lambda p: unless((p.public_key is None) == (p.signing_key_secret_ref is None)),
         ),
     )
+
+
+_EXTERNAL = "(has(self.external) && self.external)"
 
 
 class ClientSpec(PartySpec):
@@ -440,6 +445,38 @@ class ClientSpec(PartySpec):
     data: DataSpec = Field(..., description="The client's private training data.")
     weight: float | None = Field(
         None, gt=0, description="Aggregation weight; defaults to the number of training examples."
+    )
+    external: bool = Field(
+        False,
+        description="The client runs in its owner's cluster (a FederatedClient there), meeting the run only in "
+        "storage: the operator creates no pod for it. It brings its own key: set publicKey, and leave its "
+        "Secrets (secretRef, signingKeySecretRef, data.secretRef) to its own cluster.",
+    )
+
+    rules: ClassVar[tuple[Rule[Any], ...]] = (
+        Rule["ClientSpec"](
+            field="publicKey",
+            message="publicKey and signingKeySecretRef go together: the Secret holds the private half of the key",
+            cel=f"{_EXTERNAL} || has(self.publicKey) == has(self.signingKeySecretRef)",
+            find=lambda c: unless(c.external or (c.public_key is None) == (c.signing_key_secret_ref is None)),
+        ),
+        Rule["ClientSpec"](
+            field="publicKey",
+            message="an external client signs with a key of its own: set its publicKey (its cluster keeps the "
+            "private half)",
+            cel=f"!{_EXTERNAL} || has(self.publicKey)",
+            find=lambda c: unless(not c.external or c.public_key is not None),
+        ),
+        Rule["ClientSpec"](
+            field="external",
+            message="an external client's Secrets live in its own cluster: leave secretRef, signingKeySecretRef and "
+            "data.secretRef unset here (they belong in its FederatedClient)",
+            cel=f"!{_EXTERNAL} || (!has(self.secretRef) && !has(self.signingKeySecretRef) && "
+            "!has(self.data.secretRef))",
+            find=lambda c: unless(
+                not c.external or (c.secret_ref is None and c.signing_key_secret_ref is None and not c.data.secret_ref)
+            ),
+        ),
     )
 
 
@@ -613,6 +650,13 @@ class StorageSpec(SpecModel):
         f"{CREDENTIALS_LABEL}.",
     )
     keep: bool = Field(True, description="Keep the run's objects when the resource is deleted.")
+    run_root: str | None = Field(
+        None,
+        max_length=512,
+        pattern=RUN_ROOT,
+        description="Where the run's objects go under uri, in place of {namespace}/{name}-{uid}: a location "
+        "that clients in other clusters can be given before the run exists. One run per runRoot.",
+    )
 
     rules = (scheme_rule("uri", lambda s: s.uri),)
 

@@ -56,9 +56,18 @@ class PartyStatus(StatusModel):
 
 
 class ClientStatus(PartyStatus):
-    """The Job of one client."""
+    """The Job of one client; for an external client, what storage says of it."""
 
     name: str = Field(description="The client's name (spec.clients[].name).")
+    external: bool | None = Field(
+        None, description="It runs in its owner's cluster: its state comes from storage, not from a Job here."
+    )
+    last_round: int | None = Field(
+        None, description="External clients: the last round whose aggregate took this client's update."
+    )
+    signed: bool | None = Field(
+        None, description="External clients: whether a record signed with its pinned key is in storage (it joined)."
+    )
 
 
 class LastRound(StatusModel):
@@ -94,7 +103,9 @@ class RunStatus(StatusModel):
     clients: list[ClientStatus] | None = Field(None, description="Each client's Job, in spec order.")
     aggregator: PartyStatus | None = Field(None, description="The aggregator's Job.")
     run_root: str | None = Field(
-        None, description="Where the run's records are: {storage.uri}/{namespace}/{name}-{uid}."
+        None,
+        description="Where the run's records are: {storage.uri}/{storage.runRoot}, by default "
+        "{storage.uri}/{namespace}/{name}-{uid}.",
     )
     start_time: datetime | None = Field(
         None, description="When the run last started or resumed; activeDeadlineSeconds counts from here."

@@ -195,7 +195,7 @@ def aggregator(
     metrics.serve(metrics_port, metrics_address)
     spec = cfg.resource.spec
     ledger = Ledger(open_store(run_root, endpoint=spec.storage.endpoint), cfg.trust, signer)
-    Aggregator(ledger, spec, run=(namespace, run_name)).run()
+    Aggregator(ledger, spec, run=(namespace, run_name), resource=cfg.resource).run()
 
 
 @app.command()
@@ -295,6 +295,51 @@ def keygen(
 
 @app.command()
 @friendly
+def join(
+    run: Annotated[str, typer.Argument(help="The FederatedFineTune, in the current kubectl context.")],
+    client: Annotated[str, typer.Option("--client", help="The external client (spec.clients[].name) to join as.")],
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="The run's namespace.")] = "default",
+    silo_namespace: Annotated[
+        str | None, typer.Option("--silo-namespace", help="The FederatedClient's namespace (default: the run's).")
+    ] = None,
+    principal: Annotated[
+        str | None, typer.Option(help="The client's storage account, for the bucket policy (default: its name).")
+    ] = None,
+) -> None:
+    """Print what a silo needs to join a run: a FederatedClient to apply in its own cluster (with the run's
+    location and the coordinator's public key), and the bucket policy statements its credentials need."""
+    import json
+
+    import yaml
+    from kubernetes import client as k8s
+    from kubernetes import config
+
+    from fedtune.api import API_GROUP, API_VERSION, PLURAL, parse_resource
+    from fedtune.controller.builders import run_root
+    from fedtune.controller.names import spec_config_map_name
+    from fedtune.controller.silo import join_manifest
+    from fedtune.federation.policy import bucket_policy
+    from fedtune.federation.run_config import KEYS_FILE
+    from fedtune.federation.signing import Trust
+
+    config.load_kube_config()
+    api = k8s.ApiClient()
+    body = k8s.CustomObjectsApi(api).get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, run)
+    res = parse_resource({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")}, f"{namespace}/{run}")
+    keys = k8s.CoreV1Api(api).read_namespaced_config_map(spec_config_map_name(run), namespace).data or {}
+    if KEYS_FILE not in keys:
+        raise FedtuneError(f"{namespace}/{run}: its keys are not pinned yet (ConfigMap {spec_config_map_name(run)})")
+    trust = Trust.from_json(keys[KEYS_FILE], f"ConfigMap {spec_config_map_name(run)}")
+    manifest = join_manifest(res, trust.aggregator, client, run, silo_namespace or namespace)
+    policy = bucket_policy(run_root(res), "COORDINATOR-ACCOUNT", {client: principal or client})
+    own = [s for s in policy["Statement"] if str(s.get("Sid", "")).startswith("Client")]
+    typer.echo("# The silo's storage account needs these statements in the bucket's policy:")
+    typer.echo("".join(f"#   {line}\n" for line in json.dumps(own, indent=2).splitlines()), nl=False)
+    typer.echo(yaml.safe_dump(manifest, sort_keys=False), nl=False)
+
+
+@app.command()
+@friendly
 def verify(
     run_root: Annotated[str, typer.Argument(help="The run's root: a local run folder or s3://bucket/prefix/...")],
     keys: Annotated[
@@ -367,9 +412,12 @@ def policy(
             raise FedtuneError(f"--principal {item}: expected PARTY=NAME with PARTY one of {', '.join(names)}")
         names[party] = account
     if run_root is None:
-        if uid is None:
+        if uid is None and not res.spec.storage.run_root:
             # A wildcard for the uid would also match other runs whose names start with this one's.
-            raise FedtuneError("pass --uid (the resource's metadata.uid) or --run-root: the policy names one run")
+            raise FedtuneError(
+                "pass --uid (the resource's metadata.uid) or --run-root, or set spec.storage.runRoot: the policy "
+                "names one run"
+            )
         res.metadata.uid = uid
         run_root = k8s_run_root(res)
     aggregator_account = names.pop("aggregator")
@@ -381,11 +429,18 @@ def policy(
 
 
 @app.command()
-def crd() -> None:
-    """Print the FederatedFineTune CustomResourceDefinition (what crds/ holds)."""
+def crd(
+    kind: Annotated[
+        str, typer.Option(help="FederatedFineTune, or FederatedClient (a client in its owner's cluster).")
+    ] = "FederatedFineTune",
+) -> None:
+    """Print a CustomResourceDefinition of fedtune (what crds/ holds)."""
     from fedtune.api.crd import crd_yaml
+    from fedtune.api.fedclient import FEDCLIENT_KIND
 
-    typer.echo(crd_yaml(), nl=False)
+    if kind not in ("FederatedFineTune", FEDCLIENT_KIND):
+        raise typer.BadParameter(f"{kind}: expected FederatedFineTune or {FEDCLIENT_KIND}", param_hint="--kind")
+    typer.echo(crd_yaml(kind), nl=False)
 
 
 @app.command()

@@ -20,7 +20,7 @@ def needed_keys(path: str) -> tuple[str, ...]:
     """The keys the Secret a field names must hold."""
     if path.endswith("signingKeySecretRef"):
         return (KEY_FILE,)
-    if path.endswith("tokenSecretRef"):
+    if path.endswith(("tokenSecretRef", "TokenSecretRef")):
         return (TOKEN_KEY,)
     return STORAGE_KEYS
 
@@ -58,15 +58,22 @@ def credential_volume(res: FederatedFineTune) -> tuple[str, str] | None:
     return None
 
 
+def image_problem(image: str) -> tuple[str, str] | None:
+    """(reason, message) when the operator may not run this image (spec.image of a run or a client)."""
+    allowed = allowed_images()
+    if allowed and not any(fnmatch.fnmatchcase(image, pat) for pat in allowed):
+        return (
+            "ImageNotAllowed",
+            f"spec.image: {image} is not among the operator's allowedImages ({', '.join(allowed)})",
+        )
+    return None
+
+
 def admission(res: FederatedFineTune, secrets: dict[str, Credentials]) -> tuple[str, str] | None:
     """What keeps this run's pods from being created, as (reason, message naming the field), or None."""
     spec, ns = res.spec, res.metadata.namespace
-    allowed = allowed_images()
-    if allowed and not any(fnmatch.fnmatchcase(spec.image, pat) for pat in allowed):
-        return (
-            "ImageNotAllowed",
-            f"spec.image: {spec.image} is not among the operator's allowedImages ({', '.join(allowed)})",
-        )
+    if found_image := image_problem(spec.image):
+        return found_image
     if spec.queue_name and (shapes := too_many_shapes(res)):
         return "TooManyPodSets", shapes
     found_volume = credential_volume(res)

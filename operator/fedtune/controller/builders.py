@@ -63,9 +63,10 @@ def signing_secret(res: FederatedFineTune, party_name: str, party: PartySpec) ->
 
 
 def run_root(res: FederatedFineTune) -> str:
-    """`{storage.uri}/{namespace}/{name}-{uid}`: a re-created resource of the same name starts afresh."""
-    meta = res.metadata
-    return f"{res.spec.storage.uri.rstrip('/')}/{join(meta.namespace, f'{meta.name}-{meta.uid}')}"
+    """`{storage.uri}/{storage.runRoot}`, by default `{storage.uri}/{namespace}/{name}-{uid}`: a re-created
+    resource of the same name starts afresh."""
+    meta, storage = res.metadata, res.spec.storage
+    return f"{storage.uri.rstrip('/')}/{storage.run_root or join(meta.namespace, f'{meta.name}-{meta.uid}')}"
 
 
 def labels(res: FederatedFineTune, component: str, client: str | None = None) -> dict[str, str]:
@@ -302,9 +303,9 @@ def children(res: FederatedFineTune, trust: Trust) -> list[Manifest]:
         spec_config_map(res, trust),
         metrics_service(res),
         aggregator_job(res),
-        *(client_job(res, c) for c in res.spec.clients),
+        *(client_job(res, c) for c in res.spec.clients if not c.external),
     ]
 
 
 def requested_gpus(res: FederatedFineTune) -> int:
-    return res.spec.aggregator.resources.gpus + sum(c.resources.gpus for c in res.spec.clients)
+    return res.spec.aggregator.resources.gpus + sum(c.resources.gpus for c in res.spec.clients if not c.external)

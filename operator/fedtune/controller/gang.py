@@ -38,7 +38,8 @@ def client_groups(res: FederatedFineTune) -> list[list[ClientSpec]]:
     """The run's clients grouped by shape, in the order of their first member: one pod set each."""
     groups: dict[str, list[ClientSpec]] = {}
     for c in res.spec.clients:
-        groups.setdefault(_shape(c), []).append(c)
+        if not c.external:  # its pod runs in its owner's cluster, under that cluster's quota
+            groups.setdefault(_shape(c), []).append(c)
     return list(groups.values())
 
 

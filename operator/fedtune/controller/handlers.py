@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -20,6 +20,8 @@ from kubernetes.client.exceptions import ApiException
 
 from fedtune import metrics
 from fedtune.api import API_GROUP, API_VERSION, PLURAL, parse_resource
+from fedtune.api.fedclient import FEDCLIENT_PLURAL
+from fedtune.controller import silo
 from fedtune.controller.identities import PinnedKeys
 from fedtune.controller.kube import Kube, KubeClient
 from fedtune.controller.reconcile import erase_storage
@@ -27,6 +29,7 @@ from fedtune.controller.step import resource_of, step
 
 log = logging.getLogger("fedtune.operator")
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
+FEDCLIENTS = (API_GROUP, API_VERSION, FEDCLIENT_PLURAL)
 TICK_SECONDS = float(os.environ.get("FEDTUNE_RECONCILE_SECONDS", "3"))
 
 
@@ -95,14 +98,39 @@ def react(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None
 
 @kopf.timer(*RESOURCE, interval=TICK_SECONDS, sharp=True, backoff=TICK_SECONDS)
 def tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _unless_busy(body, memo, lambda: step(body, patch, *_context(memo)))
+
+
+def _unless_busy(body: kopf.Body, memo: kopf.Memo, one_pass: Callable[[], None]) -> None:
+    """A timer's pass, skipped while another pass over the object is in flight; an object deleted meanwhile
+    ends it quietly, any other API error retries it on the next tick."""
     try:
         with memo.passes.of(body["metadata"].get("uid", ""), wait=False) as taken:
             if taken:
-                step(body, patch, *_context(memo))
+                one_pass()
     except ApiException as e:
         if e.status == 404:
             return
         raise kopf.TemporaryError(f"API error {e.status}: {e.reason}", delay=TICK_SECONDS) from None
+
+
+@kopf.on.resume(*FEDCLIENTS, backoff=TICK_SECONDS)
+@kopf.on.create(*FEDCLIENTS, backoff=TICK_SECONDS)
+@kopf.on.update(*FEDCLIENTS, field="spec", backoff=TICK_SECONDS)
+def react_client(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    """A client in this cluster of a run coordinated elsewhere: the same level-based pass as a run's."""
+    with memo.passes.of(body["metadata"].get("uid", ""), wait=True):
+        silo.step(body, patch, _context(memo)[0])
+
+
+@kopf.timer(*FEDCLIENTS, interval=TICK_SECONDS, sharp=True, backoff=TICK_SECONDS)
+def tick_client(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    _unless_busy(body, memo, lambda: silo.step(body, patch, _context(memo)[0]))
+
+
+@kopf.on.delete(*FEDCLIENTS, optional=True)
+def client_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.passes.forget(body["metadata"].get("uid", ""))
 
 
 def _discard_storage(spec: kopf.Spec, **_: Any) -> bool:

@@ -54,12 +54,14 @@ def coordinator_secret(kube: Kube, res: FederatedFineTune) -> dict[str, str] | N
     return found.data if found else None
 
 
-def read_progress(ledger: Ledger, hint: int | None = None) -> Progress:
-    """The run's committed rounds, last summary and final summary; `hint`: rounds known committed."""
+def read_progress(ledger: Ledger, hint: int | None = None, external: tuple[str, ...] = ()) -> Progress:
+    """The run's committed rounds, last summary and final summary, and which external clients have signed
+    anything; `hint`: rounds known committed."""
     committed = ledger.latest_global(hint)
     final = ledger.final()
     last = ledger.summary(committed - 1) if committed else None
-    return Progress(committed=committed, final=final, last=last)
+    signed = {name: bool(ledger.ready_nonce(name)) for name in external}
+    return Progress(committed=committed, final=final, last=last, signed=signed)
 
 
 def erase_storage(kube: Kube, res: FederatedFineTune) -> int:
@@ -74,7 +76,7 @@ def erase_storage(kube: Kube, res: FederatedFineTune) -> int:
 def job_names(res: FederatedFineTune) -> list[str]:
     """The run's Jobs: the aggregator's, then one per client."""
     run = res.metadata.name
-    return [aggregator_name(run), *(client_job_name(run, c.name) for c in res.spec.clients)]
+    return [aggregator_name(run), *(client_job_name(run, c.name) for c in res.spec.clients if not c.external)]
 
 
 def children_plan(res: FederatedFineTune, old: RunStatus, progress: Progress) -> Literal["ensure", "remove", "keep"]:
@@ -94,7 +96,8 @@ def _read_storage(kube: Kube, res: FederatedFineTune, trust: Trust | None, hint:
         if trust is None:
             store.list(p.LEASES)  # reachable before any pod starts (a HEAD reads a missing bucket as no key)
             return Progress()
-        return read_progress(Ledger(store, trust), hint)
+        external = tuple(c.name for c in res.spec.clients if c.external)
+        return read_progress(Ledger(store, trust), hint, external)
     except SignatureError as e:
         return f"a record was rejected: {e}"
     except FedtuneError as e:

@@ -39,6 +39,7 @@ class Progress:
     committed: int | None = None
     final: FinalSummary | None = None
     last: RoundSummary | None = None
+    signed: dict[str, bool] = field(default_factory=dict)  # external client -> has a record it signed
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Observed:
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-def _job_state(job: Obj | None, pods: list[Obj]) -> tuple[RunState, int]:
+def state_of_job(job: Obj | None, pods: list[Obj]) -> tuple[RunState, int]:
     """(state, failed pod count) of one Job."""
     if job is None:
         return PENDING, 0
@@ -70,6 +71,24 @@ def _job_state(job: Obj | None, pods: list[Obj]) -> tuple[RunState, int]:
     if any((p.get("status") or {}).get("phase") == "Running" for p in pods):
         return RUNNING, failed
     return PENDING, failed
+
+
+def _external(o: Observed, name: str) -> ClientStatus:
+    """A client in another cluster, as storage shows it: Running once a round has taken its update, Pending
+    while the aggregator leaves it out (it stopped answering), Succeeded with the run."""
+    prog = o.progress
+    before = next((c for c in o.old.clients or [] if c.name == name), None)
+    last_round = prog.last.round if prog.last and name in prog.last.participants else None
+    if last_round is None and before is not None:
+        last_round = before.last_round
+    # Once it has signed, it has: a storage read that fails later does not undo that.
+    signed = bool(before and before.signed) or prog.signed.get(name, False) or last_round is not None
+    left_out = prog.last is not None and name in prog.last.excluded
+    if prog.final is not None or (before is not None and before.state == SUCCEEDED):
+        state = SUCCEEDED
+    else:
+        state = RUNNING if last_round is not None and not left_out else PENDING
+    return ClientStatus(name=name, state=state, restarts=0, external=True, last_round=last_round, signed=signed)
 
 
 def _pods_of(pods: list[Obj], job_name: str) -> list[Obj]:
@@ -147,11 +166,14 @@ def compute(o: Observed) -> RunStatus:
     res, spec = o.resource, o.resource.spec
     name = res.metadata.name
     agg_job = aggregator_name(name)
-    agg_state, agg_failures = _job_state(o.jobs.get(agg_job), _pods_of(o.pods, agg_job))
+    agg_state, agg_failures = state_of_job(o.jobs.get(agg_job), _pods_of(o.pods, agg_job))
     clients: list[ClientStatus] = []
     for c in spec.clients:
+        if c.external:
+            clients.append(_external(o, c.name))
+            continue
         job = client_job_name(name, c.name)
-        job_state, failures = _job_state(o.jobs.get(job), _pods_of(o.pods, job))
+        job_state, failures = state_of_job(o.jobs.get(job), _pods_of(o.pods, job))
         clients.append(ClientStatus(name=c.name, state=job_state, restarts=failures))
 
     prog = o.progress

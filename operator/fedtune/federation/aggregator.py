@@ -7,6 +7,7 @@ never redoes or rewrites a committed round.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import tempfile
@@ -22,7 +23,7 @@ from fedtune.aggregation.encoding import load_state, save_state
 from fedtune.aggregation.fedavg import MeanStrategy
 from fedtune.aggregation.spool import Spool, SpooledDelta
 from fedtune.aggregation.validation import all_finite, update_norm
-from fedtune.api import FederatedFineTuneSpec
+from fedtune.api import FederatedFineTune, FederatedFineTuneSpec
 from fedtune.errors import FedtuneError
 from fedtune.federation import protocol as p
 from fedtune.federation import update_check
@@ -30,6 +31,7 @@ from fedtune.federation.lease import Lease, LeaseLost
 from fedtune.federation.polling import poll
 from fedtune.federation.private_strategy import PrivateStrategy
 from fedtune.federation.records import Ledger
+from fedtune.federation.run_config import resource_json
 from fedtune.federation.signing import AGGREGATOR, SignatureError
 from fedtune.federation.update_check import Rejected, Rules
 from fedtune.privacy import ClientLevelDP
@@ -99,9 +101,16 @@ class Collected:
 class Aggregator:
     """Runs one federation from its store; `run()` returns once the final adapter is written."""
 
-    def __init__(self, ledger: Ledger, spec: FederatedFineTuneSpec, run: tuple[str, str] = ("", "")) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        spec: FederatedFineTuneSpec,
+        run: tuple[str, str] = ("", ""),
+        resource: FederatedFineTune | None = None,
+    ) -> None:
         self.ledger, self.store = ledger, ledger.store
         self.spec = spec
+        self.resource = resource
         self.lease = Lease(ledger)
         self.labels = run
         share_one_heap()  # the pool's threads read updates into reused pages, as the main thread does
@@ -477,7 +486,7 @@ class Aggregator:
         participants = [] if failed else sorted(accepted)
         for client in sorted(set(gm.selected) - answered):
             self.excluded[client] = self.ledger.ready_nonce(client)
-            log.warning("round %d: %s did not answer; left out of sampling until it restarts", r, client)
+            log.warning("round %d: %s did not answer; left out of sampling until it announces itself again", r, client)
         self.failed_streak = self.failed_streak + 1 if failed else 0
         self.failed_total += 1 if failed else 0
         summary = self._summary(gm, seen, participants)
@@ -642,9 +651,17 @@ class Aggregator:
         finally:
             self.lease.release()
 
+    def _spec_record(self) -> p.SpecRecord:
+        """The spec, and where the aggregator knows its resource, what a client in another cluster joins by."""
+        record = p.SpecRecord(spec=_spec_doc(self.spec))
+        if self.resource is not None:
+            record.resource = _json_doc(resource_json(self.resource))
+            record.keys = _json_doc(self.ledger.trust.to_json())
+        return record
+
     def _rounds(self) -> p.FinalSummary:
         self.lease.check()
-        self.ledger.store.put(p.SPEC, self.ledger.signed(p.SPEC, p.SpecRecord(spec=_spec_doc(self.spec))))
+        self.ledger.store.put(p.SPEC, self.ledger.signed(p.SPEC, self._spec_record()))
         latest = self.ledger.latest_global()
         if latest is None:
             self.publish_global(0, adapter_state(self.model), {}, final=self._last_round(0))
@@ -658,6 +675,11 @@ class Aggregator:
                 return self.finalize(gm)
             self.close_round(gm)
             latest += 1
+
+
+def _json_doc(text: str) -> dict[str, object]:
+    doc: dict[str, object] = json.loads(text)
+    return doc
 
 
 def _spec_doc(spec: FederatedFineTuneSpec) -> dict[str, object]:

@@ -141,6 +141,8 @@ class Client:
         group: Group | None = None,
     ) -> None:
         self.ledger, self.store, self.name = ledger, ledger.store, name
+        self.nonce = ""  # of this client's latest ready record (see _announce)
+        self.retried = 0  # the store's retries when it was written
         self.labels = (*run, name)
         self.spec = spec
         self.group = group or Group()
@@ -251,9 +253,7 @@ class Client:
 
     def run(self) -> None:
         if self.group.main:
-            # A new nonce on every start tells the aggregator this client is back if it had stopped answering.
-            ready = p.ReadyRecord(client=self.name, nonce=uuid.uuid4().hex, started=time.time())
-            self.store.put(p.ready(self.name), self.ledger.signed(p.ready(self.name), ready))
+            self._announce()
         seen = -1
         while (task := self.group.share(self._next(seen) if self.group.main else None)) is not None:
             seen = task.gm.round
@@ -270,11 +270,28 @@ class Client:
             assert gm is not None
             seen = latest
             if self.name not in gm.selected:
+                if self._left_out(latest):
+                    log.info("left out of sampling while storage was out of reach; announcing this client again")
+                    self._announce()
                 continue
             if gm.final:
                 return None if self._committed(self.ledger.eval_marker, gm.round) else self.prepare(gm, train=False)
             if not self._committed(self.ledger.update_marker, gm.round):
                 return self.prepare(gm, train=True)
+
+    def _announce(self) -> None:
+        """A new ready record: a new nonce tells the aggregator this client is back if it had stopped answering."""
+        self.nonce, self.retried = uuid.uuid4().hex, self.store.retried
+        ready = p.ReadyRecord(client=self.name, nonce=self.nonce, started=time.time())
+        self.store.put(p.ready(self.name), self.ledger.signed(p.ready(self.name), ready))
+
+    def _left_out(self, r: int) -> bool:
+        """Whether the round that made global r left this running client out as not answering because it could
+        not reach storage (its retries outlived the round): a client that was merely slow stays left out."""
+        if self.store.retried == self.retried:
+            return False
+        summary = self.ledger.summary(r - 1) if r else None
+        return summary is not None and summary.excluded.get(self.name) == self.nonce
 
     def _committed(self, read: Callable[[int, str], p.Record | None], r: int) -> bool:
         """Whether this client's own signed record for round r exists (one it did not sign does not count)."""

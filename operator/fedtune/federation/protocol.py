@@ -230,9 +230,12 @@ class ReadyRecord(Record):
 
 
 class SpecRecord(Record):
-    """The spec the run executes, as the aggregator read it from its mounted config (informational)."""
+    """The spec the run executes, as the aggregator read it from its mounted config; with the whole resource
+    and its pinned keys, so that a client in another cluster, pinning only the aggregator's key, can join."""
 
     spec: dict[str, object]
+    resource: dict[str, object] | None = None
+    keys: dict[str, object] | None = None
 
 
 class LeaseClaim(Record):

@@ -35,6 +35,9 @@ class ObjectStore(ABC):
 
     def __init__(self, uri: str) -> None:
         self.uri = uri.rstrip("/")
+        # Transient errors retried so far: whether this process lost storage for a while (stores that never
+        # retry leave it at 0).
+        self.retried = 0
 
     def url(self, key: str) -> str:
         """The full URL of a key, for messages and for handing to other processes."""

@@ -140,11 +140,15 @@ class S3Store(ObjectStore):
                 raise ObjectNotFound(f"{self.url(key)}: not found") from None
             raise
 
+    def _count_retry(self, _state: object) -> None:
+        self.retried += 1
+
     def _call(self, key: str, fn: Callable[[], T]) -> T:
         retrying = Retrying(
             retry=retry_if_exception(_transient),
             stop=stop_after_delay(self.retry_seconds),
             wait=wait_exponential_jitter(initial=0.2, max=5),
+            before_sleep=self._count_retry,
             reraise=True,
         )
         try:

@@ -50,8 +50,6 @@ class Cluster:
     agent: subprocess.Popen[bytes] | None = None
     own_s3: bool = False
     timings: dict[str, float] = field(default_factory=dict)
-    # The bucket's policy: the statements of every run given parties with add_parties.
-    _statements: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.control_plane = ControlPlane(self.folder)
@@ -161,9 +159,7 @@ class Cluster:
         tag = f"{namespace}.{run}."
         for statement in policy["Statement"]:
             statement["Sid"] = tag + statement["Sid"]
-        self._statements = [st for st in self._statements if not st["Sid"].startswith(tag)]
-        self._statements += [*policy["Statement"], *data]
-        self.s3.put_policy(BUCKET, {"Version": "2012-10-17", "Statement": self._statements})
+        self.s3.merge_policy(BUCKET, tag, [*policy["Statement"], *data])
 
     def put_s3_secret(self, namespace: str, name: str = S3_SECRET, keys: tuple[str, str] | None = None) -> None:
         """Write S3 credentials (root's, or an account's `keys`) and the endpoint as a Secret in a namespace."""

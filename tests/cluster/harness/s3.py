@@ -50,6 +50,8 @@ class S3Server:
     region: str = REGION
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    # Each bucket's policy statements, as every cluster sharing this server merged them in (merge_policy).
+    _statements: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def endpoint(self) -> str:
@@ -188,6 +190,13 @@ class S3Server:
         if role != "user":
             raise AdminError("XAdminUserExists", f"account {name} exists with role {role!r}, not 'user'")
         return name, secret
+
+    def merge_policy(self, bucket: str, tag: str, statements: list[dict[str, Any]]) -> None:
+        """Replace the statements whose Sid starts with `tag` in `bucket`'s policy (every cluster sharing this
+        server adds its runs' statements to the one policy)."""
+        kept = [st for st in self._statements.get(bucket, []) if not st["Sid"].startswith(tag)]
+        self._statements[bucket] = [*kept, *statements]
+        self.put_policy(bucket, {"Version": "2012-10-17", "Statement": self._statements[bucket]})
 
     def put_policy(self, bucket: str, policy: dict[str, Any]) -> None:
         """Set `bucket`'s policy as root; every principal it names must be an existing account.
