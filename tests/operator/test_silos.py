@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,6 @@ from tests.operator.conftest import REPO, Operator, Runs, tiny_run
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 SILO_POOL = Pool("hospital-l4", 1, gpus=4, product="NVIDIA-L4")
-# Enough rounds that some are left after a minute without the hospital (rounds go on without it).
-ROUNDS = 50
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +84,34 @@ def keys_of(s3: Any, account: str) -> dict[str, str]:
     return {"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret_key}
 
 
-def test_an_external_client_in_another_cluster_takes_part_and_survives_losing_storage(
-    crds: Cluster, silo: Cluster, namespace: str, silo_ns: str, tiny_data: str, tmp_path: Path
-) -> None:
+@dataclass
+class Federation:
+    """A run in the coordinator's cluster with clients alpha and beta, and hospital in the silo's cluster,
+    joined through a FederatedClient that reaches storage through a proxy the test can cut."""
+
+    coordinator: Cluster
+    silo: Cluster
+    namespace: str
+    silo_ns: str
+    accounts: dict[str, dict[str, str]]
+    proxy: TcpProxy
+    runs: Runs
+
+    def fedclient(self) -> dict[str, Any]:
+        return fedclient_status(self.silo, self.silo_ns, "multi")
+
+    def took_part(self) -> int | None:
+        found = self.fedclient().get("lastRound")
+        return None if found is None else int(found)
+
+
+@pytest.fixture
+def federation(
+    crds: Cluster, silo: Cluster, namespace: str, silo_ns: str, tiny_data: str, tmp_path: Path, request: Any
+) -> Iterator[Federation]:
+    """The run (of as many rounds as the test asks, through indirect parametrization) and its external
+    client, both operators running."""
+    rounds = int(request.param)
     s3 = crds.s3
     assert s3 is not None
     run_root = f"studies/{namespace}"
@@ -119,11 +143,8 @@ def test_an_external_client_in_another_cluster_takes_part_and_survives_losing_st
     for st in policy["Statement"]:
         st["Sid"] = f"{namespace}.{st['Sid']}"
     s3.merge_policy(BUCKET, f"{namespace}.", [*policy["Statement"], *statements])
-    s3.client().copy_object(
-        Bucket=BUCKET,
-        Key=f"silo-data/{silo_ns}/hospital.jsonl",
-        CopySource={"Bucket": BUCKET, "Key": "tiny/gamma.jsonl"},
-    )
+    source = {"Bucket": BUCKET, "Key": "tiny/gamma.jsonl"}
+    s3.client().copy_object(Bucket=BUCKET, Key=f"silo-data/{silo_ns}/hospital.jsonl", CopySource=source)
     for party, keys in accounts.items():
         crds.put_s3_secret(namespace, f"fedtune-{party}", (keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"]))
 
@@ -136,8 +157,8 @@ def test_an_external_client_in_another_cluster_takes_part_and_survives_losing_st
 
     doc = tiny_run(
         "multi",
-        aggregation={"rounds": ROUNDS, "minClients": 2, "roundTimeoutSeconds": 15},
-        storage={"uri": f"s3://{BUCKET}/runs", "runRoot": run_root, "secretRef": None},
+        aggregation={"rounds": rounds, "minClients": 2, "roundTimeoutSeconds": 15},
+        storage={"uri": f"s3://{BUCKET}/runs", "runRoot": run_root},
         clients=[
             {
                 "name": c,
@@ -170,7 +191,7 @@ def test_an_external_client_in_another_cluster_takes_part_and_survives_losing_st
         wait_for(lambda: crds.core().read_namespaced_config_map("multi-spec", namespace), 60, "the run's keys")
         joined = subprocess.run(
             [sys.executable, "-m", "fedtune", "join", "multi", "--client", "hospital", "-n", namespace,
-             "--silo-namespace", silo_ns],
+             "--silo-namespace", silo_ns, "--principal", hospital["AWS_ACCESS_KEY_ID"]],
             capture_output=True, text=True, env={**os.environ, "KUBECONFIG": str(crds.kubeconfig)}, check=False,
         )  # fmt: skip
         assert joined.returncode == 0, joined.stderr
@@ -185,53 +206,73 @@ def test_an_external_client_in_another_cluster_takes_part_and_survives_losing_st
         manifest["spec"]["resources"] = {"gpus": 1, "cpu": "1", "memory": "2Gi"}
         api, where = fedclients(silo, silo_ns)
         api.create_namespaced_custom_object(*where, manifest)
-
-        def took_part() -> int | None:
-            return fedclient_status(silo, silo_ns, "multi").get("lastRound")
-
-        wait_for(lambda: took_part() is not None, 300, "the hospital to take part")
-        before = took_part()
-        committed_at_cut = runs.get("multi")["status"]["completedRounds"]
-        proxy.cut()
-        cut_at = time.monotonic()
-        try:
-
-            def rounds_go_on_without_it() -> bool:
-                status = runs.get("multi")["status"]
-                unreachable = ready_condition(fedclient_status(silo, silo_ns, "multi")).get("reason")
-                return (
-                    time.monotonic() - cut_at >= 60
-                    and status["completedRounds"] > committed_at_cut
-                    and unreachable == "StorageUnreachable"
-                )
-
-            wait_for(rounds_go_on_without_it, 240, "a minute without storage in the silo, rounds going on")
-        finally:
-            proxy.restore()
-        done = runs.wait_state("multi", "Succeeded", timeout=600)["status"]
-        assert done["completedRounds"] == ROUNDS, "no committed round lost"
-        external = next(c for c in done["clients"] if c["name"] == "hospital")
-        assert external["external"] is True and external["signed"] is True
-        after = fedclient_status(silo, silo_ns, "multi")
-        assert after["lastRound"] > (before or 0), f"took part again after the outage: {after}"
-        wait_for(lambda: fedclient_status(silo, silo_ns, "multi").get("state") == "Succeeded", 120, "the silo's view")
-        assert fedclient_status(silo, silo_ns, "multi")["progress"] == f"{ROUNDS}/{ROUNDS}"
-
-        # The silo's data never left its cluster: no Secret of it in the coordinator's, and no coordinator
-        # account reads its data.
-        names = {s.metadata.name for s in crds.core().list_namespaced_secret(namespace).items}
-        assert not names & {"hospital-key", "hospital-s3", "hospital-data"}
-        for keys in accounts.values():
-            reader = s3.client(keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"])
-            with pytest.raises(ClientError, match="AccessDenied"):
-                reader.get_object(Bucket=BUCKET, Key=f"silo-data/{silo_ns}/hospital.jsonl")
+        yield Federation(crds, silo, namespace, silo_ns, accounts, proxy, runs)
     finally:
         proxy.cut()
+        with contextlib.suppress(client.ApiException):
+            runs.api.delete_namespaced_custom_object(API_GROUP, API_VERSION, namespace, "federatedfinetunes", "multi")
         coordinator.stop()
         silo_operator.stop()
         for log in (coordinator.log, silo_operator.log):
             if log.exists():
                 print(f"{log.name}:", *log.read_text(errors="replace").splitlines()[-40:], sep="\n")
+
+
+@pytest.mark.parametrize("federation", [6], indirect=True)
+def test_a_run_with_a_client_in_another_cluster_succeeds_and_its_data_stays_there(federation: Federation) -> None:
+    f = federation
+    done = f.runs.wait_state("multi", "Succeeded", timeout=400)["status"]
+    external = next(c for c in done["clients"] if c["name"] == "hospital")
+    assert external["external"] is True and external["signed"] is True and external.get("lastRound") is not None
+    wait_for(lambda: f.fedclient().get("state") == "Succeeded", 120, "the silo's view of the run")
+    assert f.fedclient()["progress"] == "6/6" and f.took_part() is not None
+    # The silo's data never left its cluster: no Secret of it in the coordinator's, and no coordinator
+    # account reads its data.
+    names = {s.metadata.name for s in f.coordinator.core().list_namespaced_secret(f.namespace).items}
+    assert not names & {"hospital-key", "hospital-s3", "hospital-data"}
+    s3 = f.coordinator.s3
+    assert s3 is not None
+    for keys in f.accounts.values():
+        reader = s3.client(keys["AWS_ACCESS_KEY_ID"], keys["AWS_SECRET_ACCESS_KEY"])
+        with pytest.raises(ClientError, match="AccessDenied"):
+            reader.get_object(Bucket=BUCKET, Key=f"silo-data/{f.silo_ns}/hospital.jsonl")
+
+
+# Rounds go on fast without the hospital: the run must outlast the outage.
+@pytest.mark.parametrize("federation", [10_000], indirect=True)
+def test_a_silo_that_loses_storage_for_a_minute_takes_part_again_and_no_round_is_lost(
+    federation: Federation,
+) -> None:
+    f = federation
+    wait_for(lambda: f.took_part() is not None, 300, "the hospital to take part")
+    before = f.took_part()
+    assert before is not None
+
+    def committed() -> int:
+        return int(f.runs.get("multi")["status"].get("completedRounds") or 0)
+
+    at_cut = committed()
+    f.proxy.cut()
+    cut_at = time.monotonic()
+    try:
+
+        def a_minute_without_storage() -> bool:
+            unreachable = ready_condition(f.fedclient()).get("reason") == "StorageUnreachable"
+            return unreachable and committed() > at_cut and time.monotonic() - cut_at >= 60
+
+        wait_for(a_minute_without_storage, 240, "a minute without storage in the silo, rounds going on")
+    finally:
+        f.proxy.restore()
+    at_restore = committed()
+    wait_for(lambda: (f.took_part() or 0) > at_restore, 240, "the hospital to take part again")
+    assert committed() >= at_restore, "no committed round lost"
+    assert ready_condition(f.fedclient()).get("reason") == "Joined"
+
+    def coordinator_sees_it_back() -> bool:
+        hospital = next(c for c in f.runs.get("multi")["status"]["clients"] if c["name"] == "hospital")
+        return bool(hospital["state"] == "Running" and hospital["lastRound"] > at_restore)
+
+    wait_for(coordinator_sees_it_back, 60, "the coordinator's status to show the hospital back")
 
 
 def publish_run(s3: Any, root: str, clients: dict[str, str]) -> tuple[str, Any]:

@@ -88,7 +88,9 @@ def _external(o: Observed, name: str) -> ClientStatus:
         state = SUCCEEDED
     else:
         state = RUNNING if last_round is not None and not left_out else PENDING
-    return ClientStatus(name=name, state=state, restarts=0, external=True, last_round=last_round, signed=signed)
+    # Unset, not null, while it has taken part in no round: the status is written as a merge patch.
+    took_part = {} if last_round is None else {"last_round": last_round}
+    return ClientStatus(name=name, state=state, restarts=0, external=True, signed=signed, **took_part)
 
 
 def _pods_of(pods: list[Obj], job_name: str) -> list[Obj]:

@@ -62,6 +62,8 @@ class TcpProxy:
     def cut(self) -> None:
         """Storage unreachable from behind the proxy: connections refused, open ones reset."""
         if self._listener is not None:
+            with contextlib.suppress(OSError):  # wakes the accepting thread, which a close alone would not
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
         with self._lock:
