@@ -29,21 +29,23 @@ CATEGORIES = ["fedtune"]
 # What defines the run's math and data cannot change once it exists; lifecycle fields can.
 IMMUTABLE = ("model", "tokenizer", "peft", "training", "aggregation", "privacy", "storage", "clients", "seed")
 
-FEDCLIENT_COLUMNS = [
+_STATE_AND_ROUND = [
     {"name": "State", "type": "string", "jsonPath": ".status.state"},
     {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
-    {"name": "Client", "type": "string", "jsonPath": ".spec.clientName"},
-    {"name": "Run", "type": "string", "jsonPath": ".status.run"},
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
-
+_AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
 PRINTER_COLUMNS = [
-    {"name": "State", "type": "string", "jsonPath": ".status.state"},
-    {"name": "Round", "type": "string", "jsonPath": ".status.progress"},
+    *_STATE_AND_ROUND,
     {"name": "Clients", "type": "string", "jsonPath": ".status.clientsReady"},
     {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpus"},
     {"name": "Strategy", "type": "string", "jsonPath": ".spec.aggregation.strategy"},
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    _AGE,
+]
+FEDCLIENT_COLUMNS = [
+    *_STATE_AND_ROUND,
+    {"name": "Client", "type": "string", "jsonPath": ".spec.clientName"},
+    {"name": "Run", "type": "string", "jsonPath": ".status.run"},
+    _AGE,
 ]
 
 

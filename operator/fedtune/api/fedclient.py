@@ -9,17 +9,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedtune.api.spec import (
-    API_GROUP,
-    API_VERSION,
     CREDENTIALS_LABEL,
     DNS_LABEL,
     PUBLIC_KEY,
     DataSpec,
-    ObjectMeta,
     PlacementSpec,
+    Resource,
     scheme_rule,
 )
 from fedtune.api.status import Condition, RunState, StatusModel
@@ -100,13 +98,9 @@ class FederatedClientStatus(StatusModel):
     conditions: list[Condition] | None = Field(None, description="Ready says what, if anything, blocks the client.")
 
 
-class FederatedClient(BaseModel):
+class FederatedClient(Resource):
     """A whole FederatedClient as kubectl sends it."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    api_version: str = Field(f"{API_GROUP}/{API_VERSION}", alias="apiVersion", pattern=rf"^{API_GROUP}/")
     kind: str = Field(FEDCLIENT_KIND, pattern=rf"^{FEDCLIENT_KIND}$")
-    metadata: ObjectMeta
     spec: FederatedClientSpec
     status: FederatedClientStatus | None = None

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import ValidationError
 
 from fedtune.api.fedclient import FederatedClient
-from fedtune.api.spec import FederatedFineTune
+from fedtune.api.spec import FederatedFineTune, Resource
 from fedtune.errors import FedtuneError
 
 _FIELD_PREFIX = re.compile(r"^[A-Za-z][\w\[\].]*: ")
@@ -47,24 +47,26 @@ def format_errors(err: ValidationError) -> list[str]:
     return lines
 
 
-def parse_resource(doc: Any, source: str = "spec") -> FederatedFineTune:
-    """Validate a resource given as a mapping (apiVersion/kind/metadata/spec)."""
+R = TypeVar("R", bound=Resource)
+
+
+def _parse(model: type[R], doc: Any, source: str) -> R:
     if not isinstance(doc, dict):
         raise SpecError(source, ["the document must be a mapping with apiVersion, kind, metadata and spec"])
     try:
-        return FederatedFineTune.model_validate(doc)
+        return model.model_validate(doc)
     except ValidationError as err:
         raise SpecError(source, format_errors(err)) from None
+
+
+def parse_resource(doc: Any, source: str = "spec") -> FederatedFineTune:
+    """Validate a resource given as a mapping (apiVersion/kind/metadata/spec)."""
+    return _parse(FederatedFineTune, doc, source)
 
 
 def parse_fedclient(doc: Any, source: str = "FederatedClient") -> FederatedClient:
     """Validate a FederatedClient given as a mapping (apiVersion/kind/metadata/spec)."""
-    if not isinstance(doc, dict):
-        raise SpecError(source, ["the document must be a mapping with apiVersion, kind, metadata and spec"])
-    try:
-        return FederatedClient.model_validate(doc)
-    except ValidationError as err:
-        raise SpecError(source, format_errors(err)) from None
+    return _parse(FederatedClient, doc, source)
 
 
 def load_resource(path: str | Path) -> FederatedFineTune:

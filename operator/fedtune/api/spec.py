@@ -887,13 +887,18 @@ class ObjectMeta(BaseModel):
     uid: str | None = None
 
 
-class FederatedFineTune(BaseModel):
-    """A whole resource as kubectl sends it."""
+class Resource(BaseModel):
+    """What every object of fedtune's API group has, as kubectl sends it."""
 
     model_config = ConfigDict(extra="forbid")
 
     api_version: str = Field(f"{API_GROUP}/{API_VERSION}", alias="apiVersion", pattern=rf"^{API_GROUP}/")
-    kind: str = Field(KIND, pattern=rf"^{KIND}$")
     metadata: ObjectMeta
+
+
+class FederatedFineTune(Resource):
+    """A whole resource as kubectl sends it."""
+
+    kind: str = Field(KIND, pattern=rf"^{KIND}$")
     spec: FederatedFineTuneSpec
     status: RunStatus | None = None

@@ -27,7 +27,7 @@ from fedtune.controller.admission import STORAGE_KEYS, image_problem, needed_key
 from fedtune.controller.kube import Credentials, Kube, Obj
 from fedtune.controller.names import client_job_name
 from fedtune.controller.reconcile import read_progress
-from fedtune.controller.status import Progress, state_of_job
+from fedtune.controller.status import Progress, invalid_spec_condition, state_of_job
 from fedtune.errors import FedtuneError
 from fedtune.federation.join import JoinError, joined_run
 from fedtune.federation.records import Ledger
@@ -258,17 +258,8 @@ def step(body: Mapping[str, Any], patch: kopf.Patch, kube: Kube, now: datetime |
 
 def invalid(old: FederatedClientStatus, problems: list[str], generation: int, now: datetime) -> FederatedClientStatus:
     """A FederatedClient whose spec fails its checks: say which, and make nothing."""
-    message = "; ".join(problems)
     before = next((c for c in old.conditions or [] if c.type == "Ready"), None)
-    same = before is not None and (before.reason, before.message) == ("InvalidSpec", message)
-    condition = Condition(
-        type="Ready",
-        status="False",
-        reason="InvalidSpec",
-        message=message,
-        last_transition_time=before.last_transition_time if before is not None and same else now,
-        observed_generation=generation,
-    )
+    condition = invalid_spec_condition("Ready", "False", problems, before, generation, now)
     return FederatedClientStatus(state=FAILED, observed_generation=generation, conditions=[condition])
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from fedtune.api.spec import FederatedFineTune
 from fedtune.api.status import (
@@ -263,20 +263,26 @@ def message_of(status: RunStatus) -> tuple[str, str]:
 def invalid_spec(old: RunStatus, problems: list[str], generation: int, now: datetime) -> RunStatus:
     """The status of a resource that passed admission but fails the spec's checks; the transition time is
     kept while the problems stay the same, so the operator does not rewrite status on every tick."""
+    condition = invalid_spec_condition("Failed", "True", problems, old.condition("Failed"), generation, now)
+    return RunStatus(state=FAILED, observed_generation=generation, conditions=[condition])
+
+
+def invalid_spec_condition(
+    type_: ConditionType,
+    value: Literal["True", "False"],
+    problems: list[str],
+    before: Condition | None,
+    generation: int,
+    now: datetime,
+) -> Condition:
+    """The condition naming a spec's problems, its transition time kept while they stay the same."""
     message = "; ".join(problems)
-    before = old.condition("Failed")
     same = before is not None and (before.reason, before.message) == ("InvalidSpec", message)
-    return RunStatus(
-        state=FAILED,
+    return Condition(
+        type=type_,
+        status=value,
+        reason="InvalidSpec",
+        message=message,
+        last_transition_time=before.last_transition_time if before is not None and same else now,
         observed_generation=generation,
-        conditions=[
-            Condition(
-                type="Failed",
-                status="True",
-                reason="InvalidSpec",
-                message=message,
-                last_transition_time=before.last_transition_time if before is not None and same else now,
-                observed_generation=generation,
-            )
-        ],
     )
