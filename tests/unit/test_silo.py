@@ -215,3 +215,21 @@ def test_a_settled_client_stays_settled_while_storage_is_out(root: str) -> None:
     settled = FederatedClientStatus(state="Succeeded", progress="3/3", run_id="x")
     status = once(kube, federated_client(root), settled)  # nothing at the root: as if unreachable
     assert status.state == "Succeeded" and status.progress == "3/3"
+
+
+def test_a_run_of_the_same_name_in_the_silos_namespace_is_a_conflict_not_a_takeover(root: str) -> None:
+    publish(root, coordinator_run(root))
+    for kind, name, body in (
+        ("ConfigMap", "cardio-spec", {"kind": "ConfigMap", "metadata": {"name": "cardio-spec"}, "data": {"a": "b"}}),
+        (
+            "Job",
+            "cardio-client-hospital",
+            {"kind": "Job", "metadata": {"name": "cardio-client-hospital", "labels": {"fedtune.io/run": "cardio"}}},
+        ),
+    ):
+        kube = silo_kube()
+        kube.objects[kind, name] = body
+        status = once(kube, federated_client(root))
+        ready = status.conditions[0]  # type: ignore[index]
+        assert ready.reason == "NameConflict" and ready.message.startswith("metadata.name"), ready.message
+        assert "Job/cardio-client-hospital" not in kube.created and status.state == "Pending"

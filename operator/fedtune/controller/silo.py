@@ -175,21 +175,41 @@ def reconcile(
     ns, name = fc.metadata.namespace, fc.metadata.name
     o = SiloObserved(client=fc, generation=generation, now=now, old=old)
     _joined(kube, fc, old, o)
-    jobs = kube.jobs(ns, name)
     job_name = client_job_name(name, fc.spec.client_name)
-    if o.run is not None and o.blocked is None and job_name not in jobs:
-        try:
-            manifests = children(fc, o.run)
-        except FedtuneError as e:  # a spec this silo cannot run (a model on a volume, an invalid local view)
-            o.blocked = ("RunNotJoinable", str(e))
-            manifests = []
-        for manifest in manifests:
-            if kube.create(manifest):
-                log.info("created %s %s/%s", manifest["kind"], ns, manifest["metadata"]["name"])
-        jobs = kube.jobs(ns, name)
-    o.job = jobs.get(job_name)
-    o.pods = kube.pods(ns, name)
+    o.job = kube.jobs(ns, name).get(job_name)
+    if o.run is not None and o.blocked is None and o.job is None:
+        _create(kube, fc, o)
+        o.job = kube.jobs(ns, name).get(job_name)
+    if o.job is not None and not any(
+        r.get("uid") == fc.metadata.uid for r in o.job["metadata"].get("ownerReferences") or []
+    ):
+        o.blocked, o.job = _name_taken("Job", job_name, fc), None
+    o.pods = kube.pods(ns, name) if o.job is not None else []
     return o
+
+
+def _create(kube: Kube, fc: FederatedClient, o: SiloObserved) -> None:
+    """The client's ConfigMap, then its Job; a ConfigMap of that name with other contents stops it."""
+    assert o.run is not None
+    try:
+        manifests = children(fc, o.run)
+    except FedtuneError as e:  # a spec this silo cannot run (a model on a volume, an invalid local view)
+        o.blocked = ("RunNotJoinable", str(e))
+        return
+    for manifest in manifests:
+        name = manifest["metadata"]["name"]
+        if kube.create(manifest):
+            log.info("created %s %s/%s", manifest["kind"], fc.metadata.namespace, name)
+        elif manifest["kind"] == "ConfigMap" and kube.config_map(fc.metadata.namespace, name) != manifest["data"]:
+            o.blocked = _name_taken("ConfigMap", name, fc)
+            return
+
+
+def _name_taken(kind: str, name: str, fc: FederatedClient) -> tuple[str, str]:
+    return "NameConflict", (
+        f"metadata.name: {kind} {fc.metadata.namespace}/{name} exists and is not this client's (a run of the "
+        "same name in this namespace?): give the FederatedClient another name"
+    )
 
 
 def compute(o: SiloObserved) -> FederatedClientStatus:
