@@ -58,6 +58,26 @@ def credential_volume(res: FederatedFineTune) -> tuple[str, str] | None:
     return None
 
 
+def secrets_problem(
+    refs: list[tuple[str, str]], namespace: str, uid: str | None, secrets: dict[str, Credentials]
+) -> tuple[str, str] | None:
+    """(reason, message) for the first Secret a field names (path, name) that is missing, another run's
+    generated key, or without the keys the field needs; None if all can be used by the object of `uid`."""
+    for path, name in refs:
+        found = secrets.get(name)
+        if found is None:
+            return "SecretNotFound", (
+                f"{path}: Secret {namespace}/{name} not found, or not labelled {CREDENTIALS_LABEL} (the operator "
+                f"reads only labelled Secrets: kubectl label secret {name} {CREDENTIALS_LABEL}=true)"
+            )
+        if found.runs and uid not in found.runs:
+            return "SecretNotAllowed", f"{path}: Secret {namespace}/{name} belongs to another run (its generated key)"
+        need = needed_keys(path)
+        if not set(need) <= set(found.data):
+            return "SecretInvalid", f"{path}: Secret {namespace}/{name} needs keys {' and '.join(need)}"
+    return None
+
+
 def image_problem(image: str) -> tuple[str, str] | None:
     """(reason, message) when the operator may not run this image (spec.image of a run or a client)."""
     allowed = allowed_images()
@@ -80,18 +100,8 @@ def admission(res: FederatedFineTune, secrets: dict[str, Credentials]) -> tuple[
     if found_volume:
         field, problem = found_volume
         return "VolumeNotAllowed", f"{field}: {problem}: it could mount objects past the {CREDENTIALS_LABEL} label"
-    for path, name in spec.secret_refs():
-        found = secrets.get(name)
-        if found is None:
-            return "SecretNotFound", (
-                f"{path}: Secret {ns}/{name} not found, or not labelled {CREDENTIALS_LABEL} (the operator reads "
-                f"only labelled Secrets: kubectl label secret {name} {CREDENTIALS_LABEL}=true)"
-            )
-        if found.runs and res.metadata.uid not in found.runs:
-            return "SecretNotAllowed", f"{path}: Secret {ns}/{name} belongs to another run (its generated key)"
-        need = needed_keys(path)
-        if not set(need) <= set(found.data):
-            return "SecretInvalid", f"{path}: Secret {ns}/{name} needs keys {' and '.join(need)}"
+    if found_secret := secrets_problem(spec.secret_refs(), ns, res.metadata.uid, secrets):
+        return found_secret
     for path, party in spec.parties():
         if party.public_key and party.signing_key_secret_ref:
             pem = secrets[party.signing_key_secret_ref].data[KEY_FILE]

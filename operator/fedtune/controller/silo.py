@@ -23,8 +23,8 @@ from fedtune.api.loading import parse_fedclient
 from fedtune.api.spec import API_GROUP, API_VERSION, FederatedFineTune
 from fedtune.api.status import Condition, RunState
 from fedtune.controller import builders
-from fedtune.controller.admission import STORAGE_KEYS, image_problem, needed_keys
-from fedtune.controller.kube import Credentials, Kube, Obj
+from fedtune.controller.admission import STORAGE_KEYS, image_problem, secrets_problem
+from fedtune.controller.kube import Kube, Obj
 from fedtune.controller.names import client_job_name
 from fedtune.controller.reconcile import read_progress
 from fedtune.controller.status import Progress, invalid_spec_condition, state_of_job
@@ -55,17 +55,6 @@ class SiloObserved:
     progress: Progress = field(default_factory=Progress)
 
 
-def _secrets_problem(fc: FederatedClient, secrets: dict[str, Credentials]) -> tuple[str, str] | None:
-    for path, name in fc.spec.secret_refs():
-        found = secrets.get(name)
-        if found is None:
-            return "SecretNotFound", f"{path}: Secret {name} not found, or not labelled fedtune.io/credentials"
-        need = needed_keys(path)
-        if not set(need) <= set(found.data):
-            return "SecretInvalid", f"{path}: Secret {name} needs keys {' and '.join(need)}"
-    return None
-
-
 def local_run(fc: FederatedClient, run: RunConfig) -> FederatedFineTune:
     """The run as this silo's pod must see it: its own client entry made of this FederatedClient (data,
     placement, Secrets, image), the storage reached with the silo's credentials, named after the client."""
@@ -79,8 +68,9 @@ def local_run(fc: FederatedClient, run: RunConfig) -> FederatedFineTune:
         **({"endpoint": own.endpoint} if own.endpoint else {}),
         **({"region": own.region} if own.region else {}),
     }
-    placement = own.model_dump(mode="json", by_alias=True, exclude_none=True, include={"resources", "node_selector"})
-    placement.update(own.model_dump(mode="json", by_alias=True, exclude_none=True, include={"tolerations", "affinity"}))
+    placement = own.model_dump(
+        mode="json", by_alias=True, exclude_none=True, include={"resources", "node_selector", "tolerations", "affinity"}
+    )
     for i, c in enumerate(spec["clients"]):
         if c["name"] == own.client_name:
             spec["clients"][i] = {
@@ -127,7 +117,8 @@ def children(fc: FederatedClient, run: RunConfig) -> list[Obj]:
 def _joined(kube: Kube, fc: FederatedClient, old: FederatedClientStatus, o: SiloObserved) -> None:
     """Join the run at runRoot and read its progress, or say in o.blocked why not."""
     secrets = kube.credentials(fc.metadata.namespace)
-    o.blocked = _secrets_problem(fc, secrets) or image_problem(fc.spec.image)
+    refs = fc.spec.secret_refs()
+    o.blocked = secrets_problem(refs, fc.metadata.namespace, fc.metadata.uid, secrets) or image_problem(fc.spec.image)
     if o.blocked is not None:
         return
     storage = secrets[fc.spec.secret_ref].data
